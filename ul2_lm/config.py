@@ -1,0 +1,325 @@
+"""The config schema: defaults for every key, and validation that names the offending key.
+
+Config files in configs/ start from `default_config()` and change what their experiment needs.
+`validate()` runs before anything is built or compiled; every error is a `ConfigError` whose
+message starts with the dotted key it is about.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from ul2_lm import partitioning
+
+NONE = type(None)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config.{key}: {message}")
+        self.key = key
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with its default. Files in configs/ override some."""
+    c = ml_collections.ConfigDict()
+
+    # None = take the value from the size table row named by `size`.
+    c.model = dict(
+        size="tiny",
+        vocab_size=None,
+        num_layers=None,
+        d_model=None,
+        num_heads=None,
+        num_kv_heads=None,
+        head_dim=None,
+        mlp_dim=None,
+        max_seq_len=None,
+        dropout_rate=0.0,
+        dtype="float32",
+        param_dtype="float32",
+        scan_layers=True,
+        remat_policy="none",
+        rope_max_wavelength=10_000.0,
+        norm_eps=1e-6,
+        logits_soft_cap=None,
+    )
+    c.data = dict(
+        task="ul2_embedded_ende",
+        vocab=dict(kind="embedded", path=None, size=2048),
+        seq_len=256,
+        pack=True,
+        seed=0,
+        shuffle_buffer=10_000,
+        ul2=dict(preset="ul2r"),
+        text_files=None,
+        tfds_data_dir=None,
+        eval_split="validation",
+        num_eval_batches=4,
+        prefetch_batches=2,
+    )
+    c.train = dict(
+        num_steps=200,
+        global_batch_size=16,
+        num_microbatches=1,
+        seed=0,
+        eval_every_steps=100,
+        log_every_steps=10,
+        nan_policy="stop",
+        z_loss=0.0,
+    )
+    c.optim = dict(
+        name="adafactor",
+        schedule="cosine",
+        peak_learning_rate=0.01,
+        final_learning_rate=0.001,
+        warmup_steps=100,
+        decay_steps=None,
+        decay_rate=0.8,
+        clipping_threshold=1.0,
+        multiply_by_parameter_scale=True,
+        factored=True,
+        min_dim_size_to_factor=128,
+        global_norm_clip=None,
+        weight_decay=None,
+    )
+    c.checkpoint = dict(
+        every_steps=100,
+        keep_last=2,
+        keep_best=1,
+        best_metric="dev_loss",
+        best_mode="min",
+        async_save=True,
+    )
+    c.mesh = dict(
+        axes=(("data", -1), ("fsdp", 1), ("tensor", 1)),
+        rules=partitioning.DEFAULT_RULES,
+    )
+    return c
+
+
+# Keys whose default is None, and what they take when set.
+OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "model.vocab_size": (int,),
+    "model.num_layers": (int,),
+    "model.d_model": (int,),
+    "model.num_heads": (int,),
+    "model.num_kv_heads": (int,),
+    "model.head_dim": (int,),
+    "model.mlp_dim": (int,),
+    "model.max_seq_len": (int,),
+    "model.logits_soft_cap": (float, int),
+    "data.vocab.path": (str,),
+    "data.text_files": (str, list, tuple),
+    "data.tfds_data_dir": (str,),
+    "optim.decay_steps": (int,),
+    "optim.global_norm_clip": (float, int),
+    "optim.weight_decay": (float, int),
+}
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch", "save_qkv_proj"),
+    "data.vocab.kind": ("embedded", "sentencepiece_file"),
+    "data.ul2.preset": ("ul2r", "ul2"),
+    "train.nan_policy": ("skip", "stop"),
+    "optim.name": ("adafactor",),
+    "optim.schedule": ("cosine", "constant", "rsqrt"),
+    "checkpoint.best_mode": ("min", "max"),
+}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_schema(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    flat, known = _flatten(config), _flatten(schema)
+    known_prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+    for key, value in flat.items():
+        if key not in known:
+            if key in known_prefixes:
+                raise ConfigError(key, "is a section, not a value")
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key, f"unknown key{hint}")
+        default = known[key]
+        if key in OPTIONAL_TYPES:
+            allowed = OPTIONAL_TYPES[key] + (NONE,)
+        elif isinstance(default, bool):
+            allowed = (bool,)
+        elif isinstance(default, float):
+            allowed = (float, int)
+        elif isinstance(default, (tuple, list)):
+            allowed = (tuple, list)
+        else:
+            allowed = (type(default),)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            names = " or ".join(sorted({t.__name__ for t in allowed}))
+            raise ConfigError(key, f"expected {names}, got {type(value).__name__} {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(key, f"{value!r} is not one of {list(CHOICES[key])}")
+
+
+def _positive(config, key: str, allow_zero: bool = False) -> None:
+    value = _get(config, key)
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(key, f"must be {bound}, got {value!r}")
+
+
+def _get(config, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             schema: ml_collections.ConfigDict | None = None) -> None:
+    """Checks keys, types, ranges and shapes; raises ConfigError naming the first bad key.
+
+    `num_devices`, when given, also checks that the mesh fits the devices and the batch splits
+    over the data-parallel axes. Nothing here touches data, builds arrays or compiles.
+    """
+    _check_schema(config, schema or default_config())
+
+    for key in ("train.num_steps", "train.global_batch_size", "train.num_microbatches",
+                "train.eval_every_steps", "train.log_every_steps", "data.seq_len",
+                "data.vocab.size", "data.num_eval_batches", "checkpoint.every_steps",
+                "checkpoint.keep_last", "optim.peak_learning_rate", "optim.decay_rate",
+                "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads",
+                "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
+                "optim.decay_steps", "optim.global_norm_clip", "optim.min_dim_size_to_factor"):
+        _positive(config, key)
+    for key in ("optim.warmup_steps", "optim.final_learning_rate", "optim.clipping_threshold",
+                "checkpoint.keep_best", "train.z_loss", "data.prefetch_batches",
+                "optim.weight_decay", "data.shuffle_buffer"):
+        _positive(config, key, allow_zero=True)
+    if not 0.0 <= config.model.dropout_rate < 1.0:
+        raise ConfigError("model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate!r}")
+    if config.optim.final_learning_rate > config.optim.peak_learning_rate:
+        raise ConfigError("optim.final_learning_rate",
+                          f"{config.optim.final_learning_rate} exceeds optim.peak_learning_rate "
+                          f"{config.optim.peak_learning_rate}")
+    if config.optim.warmup_steps > config.train.num_steps:
+        raise ConfigError("optim.warmup_steps",
+                          f"{config.optim.warmup_steps} exceeds train.num_steps {config.train.num_steps}")
+    if config.train.global_batch_size % config.train.num_microbatches:
+        raise ConfigError("train.num_microbatches",
+                          f"{config.train.num_microbatches} does not divide train.global_batch_size "
+                          f"{config.train.global_batch_size}")
+
+    # Late import: model_sizes depends on the model, which is heavier than this module.
+    from ul2_lm import model_sizes
+
+    try:
+        model_config = model_sizes.resolve(config.model)
+    except KeyError as e:
+        raise ConfigError("model.size", f"unknown size {config.model.size!r}; known: "
+                          f"{sorted(model_sizes.SIZES)}") from e
+    if model_config.head_dim is None or model_config.num_heads * model_config.head_dim != model_config.d_model:
+        if config.model.head_dim is None and model_config.d_model % model_config.num_heads:
+            raise ConfigError("model.num_heads", f"{model_config.num_heads} heads do not divide "
+                              f"model.d_model {model_config.d_model}")
+    if model_config.num_heads % model_config.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{model_config.num_kv_heads} KV heads do not divide "
+                          f"model.num_heads {model_config.num_heads}")
+    if config.data.seq_len > model_config.max_seq_len:
+        raise ConfigError("data.seq_len", f"{config.data.seq_len} is longer than the model's maximum "
+                          f"sequence length {model_config.max_seq_len} (model.max_seq_len)")
+    if config.data.vocab.size > model_config.vocab_size:
+        raise ConfigError("data.vocab.size", f"{config.data.vocab.size} exceeds model.vocab_size "
+                          f"{model_config.vocab_size}")
+
+    axes = tuple(tuple(a) for a in config.mesh.axes)
+    for i, axis in enumerate(axes):
+        if len(axis) != 2 or not isinstance(axis[0], str) or not isinstance(axis[1], int):
+            raise ConfigError("mesh.axes", f"entry {i} is {axis!r}; expected (name, size)")
+    mesh_names = {name for name, _ in axes}
+    for i, rule in enumerate(config.mesh.rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError("mesh.rules", f"entry {i} is {rule!r}; expected (logical_name, mesh_axes)")
+        targets = () if rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
+        for target in targets:
+            if target not in mesh_names:
+                raise ConfigError("mesh.rules", f"rule {rule!r} names mesh axis {target!r}, which is "
+                                  f"not in config.mesh.axes {sorted(mesh_names)}")
+    if num_devices is not None:
+        try:
+            shape = partitioning.resolve_mesh_shape(axes, num_devices)
+        except partitioning.MeshError as e:
+            raise ConfigError("mesh.axes", str(e).removeprefix("config.mesh.axes: ")) from None
+        spec = partitioning.logical_to_mesh_spec(("activation_batch",), config.mesh.rules)[0]
+        batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        dp = math.prod(shape[a] for a in batch_axes)
+        micro = config.train.global_batch_size // config.train.num_microbatches
+        if micro % dp:
+            raise ConfigError("train.global_batch_size",
+                              f"a microbatch of {micro} examples does not split over the "
+                              f"{dp}-way data-parallel mesh axes {tuple(batch_axes)}")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists)."""
+
+    def plain(x):
+        if isinstance(x, (Mapping, ml_collections.ConfigDict)):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+
+
+# --- The paper's pretraining setup (Section 1 of reference/paper.md) -------------------------
+
+PAPER_PRETRAIN_STEPS = 135_000  # En-De; En-Zh ran 98K steps.
+PAPER_SEQ_LEN = 2048  # Open in the paper; 1024 x 2048 = 2^21 tokens per step, as the paper's counts.
+PAPER_GLOBAL_BATCH = 1024
+
+
+def paper_pretraining(size: str = "1b") -> ml_collections.ConfigDict:
+    """UL2 pretraining of one of the paper's bilingual models (sizes from its Table 3)."""
+    c = default_config()
+    c.model.size = size
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "dots_no_batch"
+    c.data.seq_len = PAPER_SEQ_LEN
+    c.data.task = "ul2_wiki40b_ende"
+    c.data.vocab = dict(kind="sentencepiece_file", path=None, size=128_000)
+    c.train.num_steps = PAPER_PRETRAIN_STEPS
+    c.train.global_batch_size = PAPER_GLOBAL_BATCH
+    c.train.eval_every_steps = 5_000
+    c.train.log_every_steps = 100
+    c.train.z_loss = 1e-4
+    c.optim.peak_learning_rate = 0.01
+    c.optim.final_learning_rate = 0.001
+    c.optim.warmup_steps = 10_000  # Open in the paper; T5X's customary warmup.
+    c.checkpoint.every_steps = 5_000
+    c.checkpoint.keep_last = 3
+    # Paper-scale runs shard weights over the whole slice (FSDP) and split the batch likewise.
+    c.mesh.axes = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    return c

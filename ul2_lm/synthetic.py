@@ -1,0 +1,47 @@
+"""Synthetic batches: the trainer's data source where TensorFlow and seqio are not installed.
+
+Each batch is a pure function of (seed, split, batch index, shard), so resuming at a step needs
+no replay. The sequences are a copied random prefix (inputs) followed by its reverse (targets):
+learnable, so a falling loss shows the trainer works, with no data files or tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+FIRST_TOKEN = 2  # 0 is padding, 1 end-of-sequence.
+
+
+def example_batch(seed: int, split: str, index: int, shard_index: int, batch_size: int,
+                  seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+    split_id = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
+    rng = np.random.default_rng([seed, split_id, index, shard_index])
+    prefix_len = seq_len // 2
+    prefix = rng.integers(FIRST_TOKEN, vocab_size, size=(batch_size, prefix_len))
+    full = np.concatenate([prefix, prefix[:, ::-1]], axis=1)[:, :seq_len]
+    full = np.pad(full, ((0, 0), (0, seq_len - full.shape[1])))
+    inputs = np.pad(full[:, :-1], ((0, 0), (1, 0)))  # Shifted right, as seqio's converter does.
+    is_target = np.arange(seq_len) >= prefix_len
+    causal_attention = np.arange(seq_len) <= prefix_len  # Prefix plus the first target input.
+    return {
+        "decoder_input_tokens": inputs.astype(np.int32),
+        "decoder_target_tokens": full.astype(np.int32),
+        "decoder_loss_weights": np.broadcast_to(is_target, full.shape).astype(np.int32),
+        "decoder_positions": np.broadcast_to(np.arange(seq_len), full.shape).astype(np.int32),
+        "decoder_segment_ids": np.ones_like(full, dtype=np.int32),
+        "decoder_causal_attention": np.broadcast_to(causal_attention, full.shape).astype(np.int32),
+    }
+
+
+def batches(config: ml_collections.ConfigDict, *, split: str, shard_index: int, num_shards: int,
+            batch_size: int, start_batch: int = 0,
+            num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    del num_shards  # Each shard draws its own rows from its own stream.
+    index = start_batch
+    while num_batches is None or index < start_batch + num_batches:
+        yield example_batch(config.data.seed, split, index, shard_index, batch_size,
+                            config.data.seq_len, config.data.vocab.size)
+        index += 1
