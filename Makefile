@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m ul2_lm.train --config=configs/tiny_ul2.py --workdir=$(DEMO_DIR)
-	@echo "Run record: $(DEMO_DIR)/record.json  TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tensorboard"
+	@echo "Run record: $(DEMO_DIR)/record.json; TensorBoard summaries: $(DEMO_DIR)/tensorboard"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

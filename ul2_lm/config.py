@@ -7,6 +7,7 @@ message starts with the dotted key it is about.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
@@ -141,7 +142,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
-        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)) and len(value):
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value
@@ -153,9 +154,13 @@ def _check_schema(config: ml_collections.ConfigDict, schema: ml_collections.Conf
     known_prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
     for key, value in flat.items():
         if key not in known:
-            if key in known_prefixes:
-                raise ConfigError(key, "is a section, not a value")
-            close = difflib.get_close_matches(key, list(known), n=1)
+            parts = key.split(".")
+            # Name the outermost unknown part: a misspelt section, not every key under it.
+            key = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                       if ".".join(parts[:i]) not in known_prefixes)
+            if key in known:
+                raise ConfigError(key, "is a value, not a section")
+            close = difflib.get_close_matches(key, sorted(known_prefixes | set(known)), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(key, f"unknown key{hint}")
         default = known[key]
@@ -234,18 +239,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     # Late import: model_sizes depends on the model, which is heavier than this module.
     from ul2_lm import model_sizes
 
+    if config.model.size not in model_sizes.SIZES:
+        raise ConfigError("model.size", f"unknown size {config.model.size!r}; known: "
+                          f"{sorted(model_sizes.SIZES)}")
+    # The shape checks run on the merged values, before ModelConfig's own checks could raise
+    # without naming a config key.
+    shape = dataclasses.asdict(model_sizes.SIZES[config.model.size])
+    shape.update({k: v for k, v in config.model.items() if k in shape and v is not None})
+    if shape["d_model"] % shape["num_heads"]:
+        raise ConfigError("model.num_heads", f"{shape['num_heads']} heads do not divide "
+                          f"model.d_model {shape['d_model']}")
+    if shape["num_heads"] % shape["num_kv_heads"]:
+        raise ConfigError("model.num_kv_heads", f"{shape['num_kv_heads']} KV heads do not divide "
+                          f"model.num_heads {shape['num_heads']}")
     try:
         model_config = model_sizes.resolve(config.model)
-    except KeyError as e:
-        raise ConfigError("model.size", f"unknown size {config.model.size!r}; known: "
-                          f"{sorted(model_sizes.SIZES)}") from e
-    if model_config.head_dim is None or model_config.num_heads * model_config.head_dim != model_config.d_model:
-        if config.model.head_dim is None and model_config.d_model % model_config.num_heads:
-            raise ConfigError("model.num_heads", f"{model_config.num_heads} heads do not divide "
-                              f"model.d_model {model_config.d_model}")
-    if model_config.num_heads % model_config.num_kv_heads:
-        raise ConfigError("model.num_kv_heads", f"{model_config.num_kv_heads} KV heads do not divide "
-                          f"model.num_heads {model_config.num_heads}")
+    except ValueError as e:
+        raise ConfigError("model", str(e)) from None
     if config.data.seq_len > model_config.max_seq_len:
         raise ConfigError("data.seq_len", f"{config.data.seq_len} is longer than the model's maximum "
                           f"sequence length {model_config.max_seq_len} (model.max_seq_len)")

@@ -32,8 +32,7 @@ def _forward(graphdef: nnx.GraphDef, params, frozen, batch: Batch, dropout_rng=N
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, seed: int,
-                    num_microbatches: int = 1, z_loss: float = 0.0, dropout: bool = False,
-                    nan_policy: str = "stop"):
+                    num_microbatches: int = 1, z_loss: float = 0.0, dropout: bool = False):
     """Returns train_step(state, frozen, batch) -> (state, metrics).
 
     Gradients are the mean over all target tokens of the global batch, however it is split into
@@ -55,19 +54,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         denominator = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss = nll / denominator
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        finite = optim.all_finite((loss, grads))
-        # Skip and stop both keep the last good state; under 'stop' the host raises on seeing it.
-        new_state = optim.keep_if_finite(finite, new_state, state.replace(
-            step=state.step + 1, skipped_steps=state.skipped_steps + 1))
+        # A non-finite step is dropped (state kept bitwise); under 'stop' the host then raises.
+        update = optim.guarded_update(tx, grads, state.opt_state, state.params,
+                                      state.skipped_steps, loss)
+        new_state = TrainState(step=state.step + 1, params=update.params,
+                               opt_state=update.opt_state, skipped_steps=update.skipped_steps)
         metrics = {
             "loss": loss,
             "target_tokens": weight,
             "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "finite": finite,
+            "finite": update.finite,
         }
         return new_state, metrics
 

@@ -15,12 +15,14 @@ import numpy as np
 FIRST_TOKEN = 2  # 0 is padding, 1 end-of-sequence.
 
 
-def example_batch(seed: int, split: str, index: int, shard_index: int, batch_size: int,
-                  seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+def example_batch(seed: int, split: str, index: int, shard_index: int, num_shards: int,
+                  batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Rows [shard_index * batch_size, (shard_index + 1) * batch_size) of global batch `index`."""
     split_id = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
-    rng = np.random.default_rng([seed, split_id, index, shard_index])
+    rng = np.random.default_rng([seed, split_id, index])
     prefix_len = seq_len // 2
-    prefix = rng.integers(FIRST_TOKEN, vocab_size, size=(batch_size, prefix_len))
+    prefix = rng.integers(FIRST_TOKEN, vocab_size, size=(batch_size * num_shards, prefix_len))
+    prefix = prefix[shard_index * batch_size:(shard_index + 1) * batch_size]
     full = np.concatenate([prefix, prefix[:, ::-1]], axis=1)[:, :seq_len]
     full = np.pad(full, ((0, 0), (0, seq_len - full.shape[1])))
     inputs = np.pad(full[:, :-1], ((0, 0), (1, 0)))  # Shifted right, as seqio's converter does.
@@ -39,9 +41,8 @@ def example_batch(seed: int, split: str, index: int, shard_index: int, batch_siz
 def batches(config: ml_collections.ConfigDict, *, split: str, shard_index: int, num_shards: int,
             batch_size: int, start_batch: int = 0,
             num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    del num_shards  # Each shard draws its own rows from its own stream.
     index = start_batch
     while num_batches is None or index < start_batch + num_batches:
-        yield example_batch(config.data.seed, split, index, shard_index, batch_size,
+        yield example_batch(config.data.seed, split, index, shard_index, num_shards, batch_size,
                             config.data.seq_len, config.data.vocab.size)
         index += 1

@@ -28,10 +28,6 @@ from ul2_lm import (checkpointing, config as config_lib, flops, hardware, loggin
 log = logging_utils.log
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss under nan_policy='stop', a failed restore...)."""
-
-
 def make_data(config: ml_collections.ConfigDict, *, split: str, shard_index: int, num_shards: int,
               batch_size: int, start_batch: int = 0, num_batches: int | None = None):
     """The batch iterator for `split`; only here does the trainer touch the data modules."""
@@ -122,8 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         steps.make_train_step(layout.graphdef, tx, seed=config.train.seed,
                               num_microbatches=config.train.num_microbatches,
                               z_loss=config.train.z_loss,
-                              dropout=model_config.dropout_rate > 0,
-                              nan_policy=config.train.nan_policy),
+                              dropout=model_config.dropout_rate > 0),
         in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
         out_shardings=(layout.state_shardings, None),
         donate_argnums=(0,))
@@ -160,12 +155,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
             is_log = step % config.train.log_every_steps == 0 or step == num_steps
             if is_log or is_eval or config.train.nan_policy == "stop":
                 metrics = jax.device_get(metrics)
-                if not bool(metrics["finite"]) and config.train.nan_policy == "stop":
-                    record.update(status="failed", failure_reason=(
-                        f"non-finite loss or gradients at step {step}; nothing was saved after "
-                        f"step {ckpt.latest_step()}"))
-                    record_lib.write(workdir, record)
-                    raise TrainingError(record["failure_reason"])
+                try:
+                    optim.check_finite(metrics["finite"], step, config.train.nan_policy,
+                                       ckpt.latest_step())
+                except optim.NonFiniteError as e:
+                    ckpt.wait_until_finished()
+                    record.update(status="failed", failure_reason=str(e))
+                    if jax.process_index() == 0:
+                        record_lib.write(workdir, record)
+                    raise
             if is_log:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed
