@@ -109,11 +109,16 @@ def plan(config, *, compile_step: bool = True) -> MemoryPlan:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file to plan.", lock_config=False)
-flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated on the CPU).")
-flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. 'data=2,fsdp=32,tensor=1' "
-                    "(default: the config's mesh).")
-flags.DEFINE_bool("compile", True, "Compile the train step to measure activations.")
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program, so importing this module
+    (from a config file, a test, another tool) never defines them twice."""
+    config_flags.DEFINE_config_file("config", None, "Config file to plan.", lock_config=False)
+    flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated on the CPU).")
+    flags.DEFINE_string("mesh", None, "Mesh axis sizes, e.g. 'data=2,fsdp=32,tensor=1' "
+                        "(default: the config's mesh).")
+    flags.DEFINE_bool("compile", True, "Compile the train step to measure activations.")
 
 
 def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
@@ -145,5 +150,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     sys.exit(app.run(main))

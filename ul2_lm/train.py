@@ -206,13 +206,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and the run record.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for multi-process runs off TPU (TPU pods detect it).")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program, so importing this module
+    (from a config file, a test, another tool) never defines them twice."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and the run record.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0, for multi-process runs off TPU (TPU pods detect it).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def initialize_distributed() -> None:
@@ -236,5 +241,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
