@@ -225,3 +225,19 @@ def test_microbatches_give_the_big_batch_result():
     np.testing.assert_allclose(four, one, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_four.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_and_left_intact(finished_run, tmp_path):
+    import shutil
+
+    reference_dir, config, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_dir, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    other = small_run_config()
+    other.model.num_layers = 3
+    with pytest.raises(checkpointing.IncompatibleCheckpointError) as info:
+        train.run(other, workdir)
+    assert str(workdir / "checkpoints") in str(info.value)
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
