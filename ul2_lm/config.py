@@ -54,14 +54,16 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.data = dict(
         task="ul2_embedded_ende",
-        vocab=dict(kind="embedded", path=None, size=2048),
+        eval_task=None,  # None: the training task
+        # kind 'auto' trains a SentencePiece model on the task's own text on first use (cached).
+        vocab=dict(kind="auto", path=None, size=2048, extra_ids=100, sample_documents=None),
         seq_len=256,
         pack=True,
         seed=0,
-        shuffle_buffer=10_000,
-        ul2=dict(preset="ul2r"),
+        corpus_seed=0,  # the embedded world (lexicons, grammar); `seed` orders and noises data
+        ul2=dict(preset="ul2r", rates=None),
         text_files=None,
-        tfds_data_dir=None,
+        tfds=dict(name=None, data_dir=None, text_feature="text", splits=None),
         eval_split="validation",
         num_eval_batches=4,
         prefetch_batches=2,
@@ -117,9 +119,14 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "model.mlp_dim": (int,),
     "model.max_seq_len": (int,),
     "model.logits_soft_cap": (float, int),
+    "data.eval_task": (str,),
     "data.vocab.path": (str,),
+    "data.vocab.sample_documents": (int,),
+    "data.ul2.rates": (dict, ml_collections.ConfigDict),
     "data.text_files": (str, list, tuple),
-    "data.tfds_data_dir": (str,),
+    "data.tfds.name": (str,),
+    "data.tfds.data_dir": (str,),
+    "data.tfds.splits": (dict, ml_collections.ConfigDict, str),
     "optim.decay_steps": (int,),
     "optim.global_norm_clip": (float, int),
     "optim.weight_decay": (float, int),
@@ -129,7 +136,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch", "save_qkv_proj"),
-    "data.vocab.kind": ("embedded", "sentencepiece_file"),
+    "data.vocab.kind": ("auto", "task", "embedded", "sentencepiece_file"),
     "data.ul2.preset": ("ul2r", "ul2"),
     "train.nan_policy": ("skip", "stop"),
     "optim.name": ("adafactor",),
@@ -138,11 +145,16 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+# Values that are dicts of the user's own keys, checked by their consumers.
+FREEFORM = {"data.ul2.rates", "data.tfds.splits"}
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
-        if isinstance(value, (Mapping, ml_collections.ConfigDict)) and len(value):
+        if (isinstance(value, (Mapping, ml_collections.ConfigDict)) and len(value)
+                and path not in FREEFORM):
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value
@@ -220,7 +232,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         _positive(config, key)
     for key in ("optim.warmup_steps", "optim.final_learning_rate", "optim.clipping_threshold",
                 "checkpoint.keep_best", "train.z_loss", "data.prefetch_batches",
-                "optim.weight_decay", "data.shuffle_buffer"):
+                "optim.weight_decay", "data.vocab.extra_ids"):
         _positive(config, key, allow_zero=True)
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError("model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate!r}")
@@ -319,7 +331,7 @@ def paper_pretraining(size: str = "1b") -> ml_collections.ConfigDict:
     c.model.remat_policy = "dots_no_batch"
     c.data.seq_len = PAPER_SEQ_LEN
     c.data.task = "ul2_wiki40b_ende"
-    c.data.vocab = dict(kind="sentencepiece_file", path=None, size=128_000)
+    c.data.vocab.size = 128_000
     c.train.num_steps = PAPER_PRETRAIN_STEPS
     c.train.global_batch_size = PAPER_GLOBAL_BATCH
     c.train.eval_every_steps = 5_000

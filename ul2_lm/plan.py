@@ -74,7 +74,7 @@ def plan(config, *, compile_step: bool = True) -> MemoryPlan:
     model_config = model_sizes.resolve(config.model)
     mesh = partitioning.make_mesh(config.mesh.axes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+    tx, _ = train_state.optimizer(config, model_config)
     layout = train_state.make_layout(
         lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0)), tx, mesh, rules)
 

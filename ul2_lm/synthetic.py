@@ -38,11 +38,29 @@ def example_batch(seed: int, split: str, index: int, shard_index: int, num_shard
     }
 
 
-def batches(config: ml_collections.ConfigDict, *, split: str, shard_index: int, num_shards: int,
-            batch_size: int, start_batch: int = 0,
-            num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    index = start_batch
-    while num_batches is None or index < start_batch + num_batches:
-        yield example_batch(config.data.seed, split, index, shard_index, num_shards, batch_size,
-                            config.data.seq_len, config.data.vocab.size)
-        index += 1
+class Batches:
+    """Batches of one split for one host; `state()` resumes exactly, like the seqio pipeline's."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, split: str, shard_index: int,
+                 num_shards: int, global_batch_size: int, state: dict | None = None,
+                 num_batches: int | None = None):
+        self._config = config
+        self._split, self._shard_index, self._num_shards = split, shard_index, num_shards
+        self._local_batch = global_batch_size // num_shards
+        self._index = int(state["batches"]) if state else 0
+        self._stop = None if num_batches is None else self._index + num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._stop is not None and self._index >= self._stop:
+            raise StopIteration
+        data = self._config.data
+        batch = example_batch(data.seed, self._split, self._index, self._shard_index,
+                              self._num_shards, self._local_batch, data.seq_len, data.vocab.size)
+        self._index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"batches": self._index}

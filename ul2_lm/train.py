@@ -9,6 +9,7 @@ Any config value can be overridden: `--config.train.num_steps=200`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from ul2_lm import (checkpointing, config as config_lib, flops, hardware, logging_utils,
@@ -28,20 +30,53 @@ from ul2_lm import (checkpointing, config as config_lib, flops, hardware, loggin
 log = logging_utils.log
 
 
-def make_data(config: ml_collections.ConfigDict, *, split: str, shard_index: int, num_shards: int,
-              batch_size: int, start_batch: int = 0, num_batches: int | None = None):
-    """The batch iterator for `split`; only here does the trainer touch the data modules."""
+def train_batches(config: ml_collections.ConfigDict, state: dict | None = None):
+    """This host's endless training batches; `state` (from `.state()`) resumes exactly."""
+    kwargs = dict(global_batch_size=config.train.global_batch_size,
+                  shard_index=jax.process_index(), num_shards=jax.process_count(), state=state)
     if config.data.task == "synthetic":
         from ul2_lm import synthetic
 
-        return synthetic.batches(config, split=split, shard_index=shard_index,
-                                 num_shards=num_shards, batch_size=batch_size,
-                                 start_batch=start_batch, num_batches=num_batches)
+        return synthetic.Batches(config, split="train", **kwargs)
     from ul2_lm.data import pipeline  # seqio and TensorFlow load here, not at import.
 
-    return pipeline.batches(config, split=split, shard_index=shard_index, num_shards=num_shards,
-                            batch_size=batch_size, start_batch=start_batch,
-                            num_batches=num_batches)
+    return pipeline.make_train_iterator(config.data, **kwargs)
+
+
+def eval_batches(config: ml_collections.ConfigDict, split: str):
+    """This host's part of the fixed evaluation batches of `split`."""
+    kwargs = dict(global_batch_size=config.train.global_batch_size,
+                  shard_index=jax.process_index(), num_shards=jax.process_count(),
+                  num_batches=config.data.num_eval_batches)
+    if config.data.task == "synthetic":
+        from ul2_lm import synthetic
+
+        return synthetic.Batches(config, split=split, **kwargs)
+    from ul2_lm.data import pipeline
+
+    return pipeline.make_eval_iterator(config.data, split=split, **kwargs)
+
+
+def all_hosts(value: Any) -> list[Any]:
+    """Every process's `value` (small, JSON-able), in process order, on every process.
+
+    Checkpoint metadata is written by process 0 alone, but each host reads its own shard of the
+    data, so each host's iterator position must reach the checkpoint.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    encoded = json.dumps(value).encode()
+    if len(encoded) > _MAX_STATE_BYTES:
+        raise ValueError(f"data iterator state of {len(encoded)} bytes exceeds {_MAX_STATE_BYTES}")
+    buffer = np.zeros(_MAX_STATE_BYTES, np.uint8)
+    buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    gathered = multihost_utils.process_allgather(buffer)
+    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(gathered)]
+
+
+_MAX_STATE_BYTES = 4096
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
@@ -49,17 +84,13 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         return
     from ul2_lm.data import pipeline
 
-    pipeline.validate(config)
+    pipeline.validate_data_config(config.data)
 
 
 def evaluate(eval_step, params, frozen, config, mesh, rules, *, split: str) -> dict[str, float]:
     """Token-level loss and perplexity over the config's evaluation batches of `split`."""
-    per_host = config.train.global_batch_size // jax.process_count()
-    batches = make_data(config, split=split, shard_index=jax.process_index(),
-                        num_shards=jax.process_count(), batch_size=per_host,
-                        num_batches=config.data.num_eval_batches)
     nll, weight = 0.0, 0.0
-    for host_batch in batches:
+    for host_batch in eval_batches(config, split):
         batch = partitioning.host_batch_to_global(host_batch, mesh, rules,
                                                   config.train.global_batch_size)
         out = eval_step(params, frozen, batch)
@@ -81,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     mesh = partitioning.make_mesh(config.mesh.axes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     num_steps = config.train.num_steps
-    tx, schedule = optim.make_optimizer(config.optim, num_steps)
+    tx, schedule = train_state.optimizer(config, model_config)
 
     def make_model():
         from flax import nnx
@@ -94,9 +125,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     counts = model_sizes.count_params(model_config)
     record = record_lib.read(workdir)
-    restored_step = ckpt.latest_step()
+    restored_step, data_state = ckpt.latest_step(), None
     if restored_step is not None:
         state, metadata = ckpt.restore(layout.abstract_state, step=None)
+        data_state = metadata["data_state"][jax.process_index()]
         frozen = {}
         restored_step = int(state.step)
         log.info("resumed from step %d in %s", restored_step, ckpt.directory)
@@ -134,19 +166,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
              config.model.size, f"{counts['total']:,}", f"{counts['non_embedding']:,}",
              dict(mesh.shape), peak_source)
 
-    train_batches = make_data(config, split="train", shard_index=jax.process_index(),
-                              num_shards=jax.process_count(),
-                              batch_size=global_batch // jax.process_count(),
-                              start_batch=restored_step)
+    batches = train_batches(config, data_state)
 
     def save(step: int, metrics: dict[str, float] | None) -> None:
-        ckpt.save(step, state, metrics=metrics, metadata={"config_model": config_fingerprint})
+        ckpt.save(step, state, metrics=metrics,
+                  metadata={"data_state": all_hosts(batches.state()),
+                            "config_model": config_fingerprint})
 
     last_eval: dict[str, float] | None = None
     window_start, window_steps = time.perf_counter(), 0
     with partitioning.activate(mesh, rules):
         for step in range(restored_step + 1, num_steps + 1):
-            host_batch = next(train_batches)
+            host_batch = next(batches)
             batch = partitioning.host_batch_to_global(host_batch, mesh, rules, global_batch)
             state, metrics = train_step(state, frozen, batch)
             window_steps += 1
@@ -236,6 +267,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
+    # Orbax and JAX log every checkpoint step at INFO through absl; the run's own log says enough.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ul2_lm import partitioning
+from ul2_lm import optim, partitioning
 
 
 @flax.struct.dataclass
@@ -48,28 +48,12 @@ def _pure(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def _opt_leaf_sharding(leaf, param_sharding: NamedSharding, param) -> NamedSharding:
-    """Optimiser-state leaves follow their parameter's sharding; factored moments drop a dim."""
-    mesh = param_sharding.mesh
-    shape, pshape = tuple(leaf.shape), tuple(param.shape)
-    spec = tuple(param_sharding.spec) + (None,) * (len(pshape) - len(param_sharding.spec))
-    if shape == pshape:
-        return param_sharding
-    if len(pshape) >= 2 and shape == pshape[:-1]:  # Adafactor row statistics.
-        return NamedSharding(mesh, PartitionSpec(*spec[:-1]))
-    if len(pshape) >= 2 and shape == pshape[:-2] + pshape[-1:]:  # Adafactor column statistics.
-        return NamedSharding(mesh, PartitionSpec(*(spec[:-2] + spec[-1:])))
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings,
-                        mesh: Mesh):
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx, lambda leaf, sharding, param: _opt_leaf_sharding(leaf, sharding, param),
-        abstract_opt, param_shardings, abstract_params,
-        transform_non_params=lambda _: replicated)
+def optimizer(config, model_config, num_steps: int | None = None):
+    """(tx, schedule) for a run: config.optim, with Adafactor's statistics, update clipping and
+    parameter scale computed per layer for scanned layers, exactly as for unscanned ones."""
+    stacked = (optim.labels_by_path([(r"^layers/", True)], default=False)
+               if model_config.scan_layers else None)
+    return optim.make_optimizer(config.optim, num_steps or config.train.num_steps, stacked=stacked)
 
 
 def make_layout(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
@@ -85,7 +69,8 @@ def make_layout(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
     shardings = TrainState(
         step=replicated,
         params=param_shardings,
-        opt_state=opt_state_shardings(tx, abstract_params, param_shardings, mesh),
+        opt_state=optim.opt_state_shardings(jax.eval_shape(tx.init, abstract_params),
+                                            abstract_params, param_shardings, replicated),
         skipped_steps=replicated,
     )
     scalar = jax.ShapeDtypeStruct((), jnp.int32)

@@ -1,5 +1,6 @@
 """The input pipeline: the batch contract, UL2 examples kept whole, determinism, resume, shards."""
 
+import itertools
 import json
 
 import numpy as np
@@ -147,7 +148,7 @@ def test_two_shards_are_disjoint_and_together_cover_the_data(tmp_path):
     src = sources.TextFilesSource(str(_write_lines(tmp_path / "docs.txt", 250)))
     for split, repeat in [("validation", False), ("train", True), ("train", False)]:
         n = len(src.split_lines(split))
-        per_shard = [list(__import__("itertools").islice(
+        per_shard = [list(itertools.islice(
             src.documents(split, seed=3, shard_index=s, num_shards=2, repeat=repeat), n // 2))
             for s in range(2)]
         keys = [{k for k, _ in shard} for shard in per_shard]
@@ -189,6 +190,10 @@ def test_an_eval_split_that_runs_out_ends_with_a_padded_batch(tmp_path):
     segments = sum(int(b["decoder_segment_ids"].max(axis=1).sum()) for b in batches)
     assert segments >= 30  # all 30 lines (fewer than 100: validation reads them all)
     assert not batches[-1]["decoder_loss_weights"][-1].any()
+    hosts = [list(pipeline.make_eval_iterator(cfg, global_batch_size=8, shard_index=s, num_shards=2,
+                                              num_batches=len(batches) + 1)) for s in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == len(batches) + 1  # equal counts, padded with zeros
+    assert not hosts[0][-1]["decoder_loss_weights"].any()
 
 
 def test_text_file_task_trains_on_the_files(tmp_path):
@@ -211,7 +216,7 @@ def test_tfds_wiki40b_task_reads_both_languages_with_mock_data():
     cfg = testing.tiny_data_config(task="ul2_wiki40b_ende", vocab=dict(testing.TINY_VOCAB, kind="embedded"))
     with tfds.testing.mock_data(num_examples=12):
         src = tasks.source(cfg)
-        docs = list(__import__("itertools").islice(src.documents("train", seed=0), 8))
+        docs = list(itertools.islice(src.documents("train", seed=0), 8))
         assert [k % 2 for k, _ in docs] == [0, 1] * 4  # en, de, en, de: half and half
         batch = _take(pipeline.make_train_iterator(cfg, global_batch_size=2), 1)[0]
         assert batch["decoder_loss_weights"].sum() > 0

@@ -21,6 +21,12 @@ def build(cfg=CFG, seed=0):
     return Transformer(cfg, rngs=nnx.Rngs(params=seed))
 
 
+@nnx.jit
+def run(model, tokens, **kwargs):
+    # Compiled once per model structure and input shape: much faster than op-by-op calls.
+    return model(tokens, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def model():
     return build()
@@ -35,7 +41,7 @@ def close(a, b, tol=1e-5):
 
 
 def test_logits_shape_and_dtype(model):
-    logits = model(tokens())
+    logits = run(model, tokens())
     assert logits.shape == (B, L, CFG.vocab_size)
     assert logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
@@ -44,7 +50,7 @@ def test_logits_shape_and_dtype(model):
 def test_future_tokens_do_not_change_earlier_logits(model):
     x = tokens()
     y = x.at[:, 7].set((x[:, 7] + 1) % CFG.vocab_size)
-    a, b = model(x), model(y)
+    a, b = run(model, x), run(model, y)
     close(a[:, :7], b[:, :7])
     assert not np.allclose(a[:, 7:], b[:, 7:])
 
@@ -53,15 +59,15 @@ def test_prefix_is_bidirectional_and_targets_do_not_leak_backward(model):
     prefix_len = 5
     causal = jnp.broadcast_to((jnp.arange(L) < prefix_len).astype(jnp.int32), (B, L))
     x = tokens()
-    base = model(x, causal_attention=causal)
+    base = run(model, x, causal_attention=causal)
     # A later prefix token is seen by earlier prefix positions.
     y = x.at[:, 3].set((x[:, 3] + 1) % CFG.vocab_size)
-    assert not np.allclose(base[:, 0], model(y, causal_attention=causal)[:, 0])
+    assert not np.allclose(base[:, 0], run(model, y, causal_attention=causal)[:, 0])
     # A target token is seen by nobody before it, prefix included.
     z = x.at[:, 8].set((x[:, 8] + 1) % CFG.vocab_size)
-    close(base[:, :8], model(z, causal_attention=causal)[:, :8])
+    close(base[:, :8], run(model, z, causal_attention=causal)[:, :8])
     # Without the prefix flags the same model is causal everywhere.
-    close(model(x)[:, :3], model(y)[:, :3])
+    close(run(model, x)[:, :3], run(model, y)[:, :3])
 
 
 def test_packed_segments_equal_separate_sequences(model):
@@ -73,21 +79,21 @@ def test_packed_segments_equal_separate_sequences(model):
     segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
     positions = jnp.array([list(range(5)) + list(range(4)) + [0] * 3])
     causal = jnp.concatenate([prefix_a, prefix_b, pad], axis=1)
-    logits = model(packed, positions=positions, segment_ids=segments, causal_attention=causal)
-    close(logits[:, :5], model(a, causal_attention=prefix_a))
-    close(logits[:, 5:9], model(b, causal_attention=prefix_b))
+    logits = run(model, packed, positions=positions, segment_ids=segments, causal_attention=causal)
+    close(logits[:, :5], run(model, a, causal_attention=prefix_a))
+    close(logits[:, 5:9], run(model, b, causal_attention=prefix_b))
 
 
 def test_padding_does_not_change_real_tokens(model):
     x = tokens(4, (1, 8))
     segments = jnp.array([[1] * 6 + [0] * 2])
     garbage = x.at[:, 6:].set(3)
-    close(model(x, segment_ids=segments)[:, :6], model(garbage, segment_ids=segments)[:, :6])
+    close(run(model, x, segment_ids=segments)[:, :6], run(model, garbage, segment_ids=segments)[:, :6])
 
 
 def test_input_embeddings_replace_the_token_lookup(model):
     x = tokens()
-    close(model(None, input_embeddings=model.embed(x)), model(x))
+    close(run(model, None, input_embeddings=model.embed(x)), run(model, x))
 
 
 @pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(GQA, scan_layers=False)],
@@ -97,16 +103,18 @@ def test_cached_decoding_equals_full_forward_after_a_bidirectional_prefill(cfg):
     x = tokens(5)
     prefix_len = 6
     causal = jnp.broadcast_to((jnp.arange(L) < prefix_len).astype(jnp.int32), (B, L))
-    full = model(x, causal_attention=causal)
+    full = run(model, x, causal_attention=causal)
 
     model.init_cache(B, 16)
-    steps = [model.prefill(x[:, :prefix_len], causal_attention=causal[:, :prefix_len])]
+    prefill = nnx.jit(lambda m, t, c: m.prefill(t, causal_attention=c))
+    step = nnx.jit(lambda m, t: m.decode_step(t))
+    steps = [prefill(model, x[:, :prefix_len], causal[:, :prefix_len])]
     for t in range(prefix_len, L):
-        steps.append(model.decode_step(x[:, t:t + 1]))
+        steps.append(step(model, x[:, t:t + 1]))
     close(jnp.concatenate(steps, axis=1), full)
 
-    # A second prefill reuses the cache from scratch.
-    again = model.prefill(x[:, :prefix_len], causal_attention=causal[:, :prefix_len])
+    # A second prefill starts the cache afresh.
+    again = prefill(model, x[:, :prefix_len], causal[:, :prefix_len])
     close(again, full[:, :prefix_len])
 
 
@@ -114,7 +122,7 @@ def test_cached_decoding_under_jit_with_left_padded_prompts(model):
     # Row 0 has a 3-token prompt left-padded to 5; row 1 a full 5-token prompt.
     x = tokens(6, (B, 9))
     token_mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    alone = model(x[:1, 2:])
+    alone = run(model, x[:1, 2:])
 
     model = nnx.clone(model)
     model.init_cache(B, 12)
@@ -152,13 +160,13 @@ def test_scanned_and_per_layer_layouts_initialise_alike_and_give_the_same_logits
     jax.tree.map(np.testing.assert_array_equal, roundtrip, unscanned_params)
 
     x = tokens()
-    close(scanned(x), unscanned(x))
+    close(run(scanned, x), run(unscanned, x))
     # Converted weights give the same function, whatever their origin.
     other = build(CFG, seed=7)
     moved = build(dataclasses.replace(CFG, scan_layers=False))
     nnx.update(moved, model_lib.unstack_layer_params(
         nnx.to_pure_dict(nnx.state(other, nnx.Param))))
-    close(moved(x), other(x))
+    close(run(moved, x), run(other, x))
 
 
 def loss_and_grads(cfg, x):
@@ -172,13 +180,14 @@ def loss_and_grads(cfg, x):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_remat_policies_give_the_same_loss_and_gradients(scan):
+@pytest.mark.parametrize("scan,policies", [
+    (True, sorted(set(model_lib.REMAT_POLICIES) - {"none"})),
+    (False, ["full"]),
+], ids=["scanned", "unscanned"])
+def test_remat_policies_give_the_same_loss_and_gradients(scan, policies):
     x = tokens()
     base_loss, base_grads = loss_and_grads(dataclasses.replace(CFG, scan_layers=scan), x)
-    for policy in sorted(model_lib.REMAT_POLICIES):
-        if policy == "none":
-            continue
+    for policy in policies:
         loss, grads = loss_and_grads(
             dataclasses.replace(CFG, scan_layers=scan, remat_policy=policy), x)
         close(loss, base_loss)
@@ -188,9 +197,9 @@ def test_remat_policies_give_the_same_loss_and_gradients(scan):
 def test_bfloat16_compute_is_close_to_float32(model):
     x = tokens()
     low = build(dataclasses.replace(CFG, dtype="bfloat16"))
-    logits = low(x)
+    logits = run(low, x)
     assert logits.dtype == jnp.float32
-    reference = model(x)
+    reference = run(model, x)
     assert np.abs(np.asarray(logits - reference)).max() < 0.1 * np.abs(np.asarray(reference)).max()
     assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) > 0.8
 
@@ -224,16 +233,16 @@ def test_dropout_is_off_without_a_key_and_keyed_otherwise():
     cfg = dataclasses.replace(CFG, dropout_rate=0.3)
     model, reference = build(cfg), build(CFG)
     x = tokens()
-    close(model(x), reference(x))
-    one = model(x, dropout_rng=jax.random.key(1))
-    close(one, model(x, dropout_rng=jax.random.key(1)))
-    assert not np.allclose(one, model(x, dropout_rng=jax.random.key(2)))
-    assert not np.allclose(one, model(x))
+    close(run(model, x), run(reference, x))
+    one = run(model, x, dropout_rng=jax.random.key(1))
+    close(one, run(model, x, dropout_rng=jax.random.key(1)))
+    assert not np.allclose(one, run(model, x, dropout_rng=jax.random.key(2)))
+    assert not np.allclose(one, run(model, x))
 
 
 def test_logits_soft_cap_bounds_the_logits():
     capped = build(dataclasses.replace(CFG, logits_soft_cap=0.5))
-    assert np.abs(np.asarray(capped(tokens()))).max() <= 0.5
+    assert np.abs(np.asarray(run(capped, tokens()))).max() <= 0.5
 
 
 def test_attention_mask_follows_t5x_make_decoder_mask():
@@ -261,4 +270,4 @@ def test_bad_config_names_the_field(field, value):
 
 def test_sequences_longer_than_max_seq_len_are_rejected(model):
     with pytest.raises(ValueError, match="max_seq_len"):
-        model(tokens(shape=(1, CFG.max_seq_len + 1)))
+        run(model, tokens(shape=(1, CFG.max_seq_len + 1)))

@@ -42,7 +42,7 @@ def final_params(workdir, config):
     """The parameters of the newest checkpoint in `workdir`, as numpy arrays."""
     model_config = model_sizes.resolve(config.model)
     mesh = partitioning.make_mesh(config.mesh.axes)
-    tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+    tx, _ = train_state.optimizer(config, model_config)
     layout = train_state.make_layout(
         lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0)), tx, mesh,
         config.mesh.rules)
@@ -138,7 +138,7 @@ def test_resume_after_sigkill_during_a_save_is_bitwise_exact(finished_run, tmp_p
 
 
 def poison_step_3(monkeypatch):
-    """Makes the loss of the batch at step 3 NaN."""
+    """Makes the loss of the batch at step 3 NaN (synthetic tokens are never 1)."""
     magic = 1
     real_loss = losses.weighted_cross_entropy
 
@@ -146,16 +146,16 @@ def poison_step_3(monkeypatch):
         nll, z, w = real_loss(logits, targets, weights, z_loss)
         return jnp.where(targets[0, 0] == magic, jnp.nan, nll), z, w
 
-    real_batches = synthetic.batches
+    real_batch = synthetic.example_batch
 
-    def poisoned(config, **kwargs):
-        for i, batch in enumerate(real_batches(config, **kwargs), start=kwargs.get("start_batch", 0)):
-            batch["decoder_target_tokens"][:, 0] = np.where(
-                i == 2 and kwargs["split"] == "train", magic, batch["decoder_target_tokens"][:, 0] % 60 + 2)
-            yield batch
+    def poisoned(seed, split, index, *args):
+        batch = real_batch(seed, split, index, *args)
+        if (split, index) == ("train", 2):
+            batch["decoder_target_tokens"][:, 0] = magic
+        return batch
 
     monkeypatch.setattr(losses, "weighted_cross_entropy", loss_with_poison)
-    monkeypatch.setattr(synthetic, "batches", poisoned)
+    monkeypatch.setattr(synthetic, "example_batch", poisoned)
 
 
 def test_nan_stop_names_the_step_and_saves_nothing_bad(tmp_path, monkeypatch):
@@ -187,7 +187,7 @@ def losses_on_mesh(axes, num_steps=3, num_microbatches=1):
     devices = jax.devices()[: int(np.prod([s for _, s in axes]))]
     mesh = partitioning.make_mesh(axes, devices=devices)
     rules = partitioning.DEFAULT_RULES
-    tx, _ = optim.make_optimizer(config.optim, num_steps)
+    tx, _ = train_state.optimizer(config, model_config, num_steps)
     make = lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0))
     layout = train_state.make_layout(make, tx, mesh, rules)
     state, frozen = train_state.create(make, tx, layout, mesh, rules)
@@ -197,8 +197,8 @@ def losses_on_mesh(axes, num_steps=3, num_microbatches=1):
                    out_shardings=(layout.state_shardings, None))
     out = []
     with partitioning.activate(mesh, rules):
-        for i, host_batch in enumerate(synthetic.batches(config, split="train", shard_index=0,
-                                                         num_shards=1, batch_size=8)):
+        for i, host_batch in enumerate(synthetic.Batches(config, split="train", shard_index=0,
+                                                         num_shards=1, global_batch_size=8)):
             if i == num_steps:
                 break
             batch = partitioning.host_batch_to_global(host_batch, mesh, rules, 8)
