@@ -1,0 +1,135 @@
+"""Figures (matplotlib, Agg backend, PNG files): loss against finetuning data with fitted curves
+per X (the paper's Fig. 1), one panel per factor (Figs. 2-4), critical-size curves with bands
+(Fig. 5), and residuals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scaling import procedures  # noqa: E402
+from scaling.table import FINETUNE_EXAMPLES  # noqa: E402
+
+_UNITS = {"model_size": ("params", 1e9, "B"), "pretrain_data": ("tokens", 1e9, "B"),
+          "pet_size": ("", 1.0, "")}
+
+
+def _label(factor: str, x: float) -> str:
+    _, div, suffix = _UNITS[factor]
+    return f"{x / div:g}{suffix}"
+
+
+def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path: str,
+                bands: Mapping[str, np.ndarray] | None = None) -> str:
+    """One panel per factor: observed losses (hollow = held out) and the fitted law per X."""
+    factors = list(result.factors)
+    fig, axes = plt.subplots(1, len(factors), figsize=(4.6 * len(factors), 3.8), squeeze=False)
+    tab, y = plan.table, plan.table[plan.target]
+    for ax, f in zip(axes[0], factors):
+        col = procedures.FACTORS[f]
+        rows = np.concatenate([plan.fit_rows[f], plan.held_rows[f]])
+        xs = np.unique(tab[col][rows])
+        cmap = plt.get_cmap("viridis")
+        df_all = tab[FINETUNE_EXAMPLES][rows]
+        grid = np.geomspace(df_all.min(), df_all.max(), 100)
+        held = set(plan.held_rows[f].tolist())
+        for i, x in enumerate(xs):
+            color = cmap(i / max(1, len(xs) - 1))
+            sel = rows[tab[col][rows] == x]
+            fit_sel = [r for r in sel if r not in held]
+            held_sel = [r for r in sel if r in held]
+            ax.plot(tab[FINETUNE_EXAMPLES][fit_sel], y[fit_sel], "o", color=color, ms=4)
+            ax.plot(tab[FINETUNE_EXAMPLES][held_sel], y[held_sel], "o", mfc="none",
+                    color=color, ms=6)
+            pred = result.factors[f].fit.predict({"x": np.full(grid.shape, x), "df": grid})
+            ax.plot(grid, pred, "-", color=color, lw=1.2, label=_label(f, x))
+        ax.set_xscale("log")
+        ax.set_xlabel("finetuning examples")
+        ax.set_ylabel(f"{plan.target} (nats/token)")
+        ff = result.factors[f]
+        ax.set_title(f"{f.replace('_', ' ')}: Δe={ff.fit_errors['delta']:.4f} "
+                     f"Δh={ff.heldout_errors['delta']:.4f}", fontsize=9)
+        ax.legend(fontsize=7, title=procedures.FACTORS[f], title_fontsize=7)
+    fig.suptitle(f"{result.task} {result.method}: {result.law} law "
+                 f"({'certified' if result.certified else 'NOT certified'}); "
+                 "hollow = held out", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def residuals(result: procedures.ProcedureResult, plan: procedures.Plan, path: str) -> str:
+    """Residuals (prediction - observation) against finetuning examples, per factor."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    tab, y = plan.table, plan.table[plan.target]
+    for f, ff in result.factors.items():
+        col = procedures.FACTORS[f]
+        for rows, marker in ((plan.fit_rows[f], "o"), (plan.held_rows[f], "x")):
+            if rows.size == 0:
+                continue
+            pred = ff.fit.predict({"x": tab[col][rows], "df": tab[FINETUNE_EXAMPLES][rows]})
+            ax.plot(tab[FINETUNE_EXAMPLES][rows], pred - y[rows], marker, ms=4,
+                    label=f"{f} ({'fit' if marker == 'o' else 'held out'})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("finetuning examples")
+    ax.set_ylabel("prediction - observation")
+    ax.set_title(f"{result.task} {result.method}: residuals ({result.law})", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def critical_sizes(curves: Mapping[str, dict], path: str, title: str,
+                   bands: Mapping[str, dict] | None = None) -> str:
+    """Critical finetuning size against X for method pairs, with bootstrap bands."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (name, c) in enumerate(curves.items()):
+        xs = np.array([p["x"] for p in c])
+        dfs = np.array([p["df"] for p in c])
+        extra = np.array([p["status"] == "extrapolated" for p in c])
+        line, = ax.plot(xs, dfs, "-", label=name)
+        ax.plot(xs[extra], dfs[extra], "o", mfc="none", color=line.get_color(), ms=4)
+        if bands and name in bands:
+            b = bands[name]
+            ax.fill_between(b["x"], b["lower"], b["upper"], color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model parameters")
+    ax.set_ylabel("critical finetuning examples")
+    ax.set_title(title + " (hollow = extrapolated)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves(df: np.ndarray, loss: np.ndarray, fits: Sequence[tuple[str, object]], path: str,
+           title: str, held: np.ndarray | None = None) -> str:
+    """One curve: observations and several fitted laws of Df (e.g. single vs rectified)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    held = np.zeros(df.shape, bool) if held is None else held
+    ax.plot(df[~held], loss[~held], "ko", ms=4, label="fitted points")
+    if held.any():
+        ax.plot(df[held], loss[held], "ko", mfc="none", ms=6, label="held out")
+    grid = np.geomspace(df.min(), df.max(), 200)
+    for name, fit in fits:
+        ax.plot(grid, fit.predict({"df": grid}), lw=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("finetuning examples")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,308 @@
+"""Fitting presets and the paper's two-stage procedure.
+
+Presets:
+- PAPER: Huber delta 1e-3 on raw-loss residuals, L-BFGS, best of a grid of starts (here a
+  variable-projection grid), A/B/E in log space.
+- CHINCHILLA: Hoffmann et al.'s recipe: Huber delta 1e-3 on log-loss residuals, starts
+  alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in {0, 5, ..., 25}.
+
+The paper's procedure on one task and method: beta and E (the law's `shared` parameters) are
+first fitted jointly on the model-size and pretraining-data sweeps, each with its own A and
+alpha; then they are held fixed while A and alpha are refitted per factor, PET size included.
+Runs at held-out values are left out of both stages.
+
+Sweeps: the anchor is the most frequent (model, pretraining tokens, PET size) setting. The
+model-size sweep holds the anchor's PET size and each model's fully pretrained checkpoint; the
+pretraining-data sweep holds the anchor's model and PET size; the PET-size sweep holds the
+anchor's model and pretraining tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from scaling import fitting, heldout, laws as laws_lib
+from scaling.table import (FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS,
+                           Table)
+
+PAPER = fitting.FitConfig(name="paper", delta=1e-3, residual="raw", grid_points=2000, top_k=4)
+CHINCHILLA = fitting.FitConfig(
+    name="chinchilla", delta=1e-3, residual="log", grid_points=2000, top_k=6,
+    start_grid={"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+                "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+                "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)})
+PRESETS = {"paper": PAPER, "chinchilla": CHINCHILLA}
+
+FACTORS = {"model_size": MODEL_PARAMS, "pretrain_data": PRETRAIN_TOKENS, "pet_size": PET_SIZE}
+SHORT = {"model_size": "m", "pretrain_data": "p", "pet_size": "t"}
+JOINT = ("model_size", "pretrain_data")
+
+
+def preset(name: str, residual: str | None = None, **overrides: Any) -> fitting.FitConfig:
+    """A preset by name, optionally with another residual ('raw'/'log') or other settings."""
+    try:
+        cfg = PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
+    if residual is not None:
+        overrides["residual"] = residual
+    return dataclasses.replace(cfg, **overrides)
+
+
+def _same(a: np.ndarray, b: float) -> np.ndarray:
+    return (np.isnan(a) & np.isnan(b)) | (a == b)
+
+
+def sweeps(tab: Table) -> dict[str, np.ndarray]:
+    """Row indices of each factor's sweep (factors with at least two values only)."""
+    if len(tab) == 0:
+        return {}
+    m, p, t = tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]
+    key = lambda i: (m[i], p[i], -1.0 if np.isnan(t[i]) else t[i])  # noqa: E731
+    anchor = Counter(key(i) for i in range(len(tab))).most_common(1)[0][0]
+    am, ap, at = anchor[0], anchor[1], np.nan if anchor[2] == -1.0 else anchor[2]
+    full = np.array([p[i] == np.max(p[m == m[i]]) for i in range(len(tab))])
+    masks = {"model_size": _same(t, at) & full,
+             "pretrain_data": _same(t, at) & (m == am),
+             "pet_size": (m == am) & (p == ap) & np.isfinite(t)}
+    out = {}
+    for factor, mask in masks.items():
+        col = tab[FACTORS[factor]][mask]
+        if np.unique(col[np.isfinite(col)]).size >= 2:
+            out[factor] = np.flatnonzero(mask)
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the procedure fits for one task and method: rows, splits, laws."""
+
+    table: Table
+    target: str
+    law: laws_lib.Law
+    factors: list[str]
+    fit_rows: dict[str, np.ndarray]
+    held_rows: dict[str, np.ndarray]
+    joint: list[str]
+    heldout: dict[str, list]
+
+
+def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str = "test_loss",
+         heldout_spec: heldout.Spec | None = None, factors: Sequence[str] | None = None) -> Plan:
+    """Splits one task/method table into the procedure's fit and held-out rows."""
+    law = laws_lib.get(law) if isinstance(law, str) else law
+    if tuple(law.inputs) != ("x", "df"):
+        raise ValueError(f"the two-stage procedure needs a law of (x, df); {law.name!r} has "
+                         f"inputs {law.inputs}")
+    for col in ("task", "method"):
+        vals = set(tab[col])
+        if len(vals) > 1:
+            raise ValueError(f"plan() takes one {col} at a time; the table has {sorted(vals)}")
+    y = tab[target]
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        runs = tab["run"][bad][:5].tolist() if "run" in tab else bad[:5].tolist()
+        raise ValueError(f"target {target!r} is NaN or infinite for run(s) {runs}")
+    sw = sweeps(tab)
+    if factors is not None:
+        unknown = set(factors) - set(FACTORS)
+        if unknown:
+            raise ValueError(f"unknown factor(s) {sorted(unknown)}; factors: {list(FACTORS)}")
+        missing = [f for f in factors if f not in sw]
+        if missing:
+            raise ValueError(f"factor(s) {missing} have fewer than two values in the data of "
+                             f"{tab['task'][0]}/{tab['method'][0]}")
+        sw = {f: sw[f] for f in factors}
+    if not sw:
+        raise ValueError(f"no factor has two or more values for {tab['task'][0]}/"
+                         f"{tab['method'][0]}: nothing to fit a joint law to")
+    spec = heldout.paper(str(tab["task"][0])) if heldout_spec is None else dict(heldout_spec)
+    fit_rows, held_rows, resolved = {}, {}, {}
+    for f, rows in sw.items():
+        sub = tab.where(rows)
+        held = heldout.mask(sub, spec, columns=(FACTORS[f], FINETUNE_EXAMPLES))
+        fit_rows[f], held_rows[f] = rows[~held], rows[held]
+    for col, wanted in spec.items():
+        if col in tab and np.any(np.isfinite(tab[col])):
+            resolved[col] = heldout.resolve(tab[col], wanted, col)
+    joint = [f for f in JOINT if f in sw] or list(sw)
+    return Plan(table=tab, target=target, law=law, factors=list(sw), fit_rows=fit_rows,
+                held_rows=held_rows, joint=joint, heldout=resolved)
+
+
+def _inputs(p: Plan, factor: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"x": p.table[FACTORS[factor]][rows], "df": p.table[FINETUNE_EXAMPLES][rows]}
+
+
+def stage_one(p: Plan) -> tuple[laws_lib.Law, fitting.Data, np.ndarray]:
+    """The tied law, its data and the table rows of its points."""
+    law = laws_lib.tie(p.law, p.joint, p.law.shared)
+    rows = np.concatenate([p.fit_rows[f] for f in p.joint])
+    group = np.concatenate([np.full(p.fit_rows[f].size, i) for i, f in enumerate(p.joint)])
+    xs = np.concatenate([_inputs(p, f, p.fit_rows[f])["x"] for f in p.joint])
+    data = fitting.prepare(law, {"x": xs, "df": p.table[FINETUNE_EXAMPLES][rows],
+                                 "group": group}, p.table[p.target][rows])
+    return law, data, rows
+
+
+@dataclasses.dataclass
+class FactorFit:
+    """Stage-two fit of one factor and its errors on fitted and held-out points."""
+
+    factor: str
+    fit: fitting.FitResult
+    fit_errors: dict[str, float]
+    heldout_errors: dict[str, float]
+
+
+@dataclasses.dataclass
+class ProcedureResult:
+    """The paper's procedure on one task and method."""
+
+    task: str
+    method: str
+    law: str
+    target: str
+    config: fitting.FitConfig
+    heldout: dict[str, list]
+    joint: fitting.FitResult
+    factors: dict[str, FactorFit]
+
+    @property
+    def certified(self) -> bool:
+        return self.joint.certified and all(f.fit.certified for f in self.factors.values())
+
+    def parameters(self) -> dict[str, float]:
+        """Table 4 layout: A_m, alpha_m, A_p, alpha_p, A_t, alpha_t, ..., E, beta."""
+        out: dict[str, float] = {}
+        for factor in FACTORS:
+            if factor not in self.factors:
+                continue
+            nat = laws_lib.natural(self.factors[factor].fit.params)
+            for name, v in nat.items():
+                if name not in self.factors[factor].fit.law.fixed and \
+                        name.lower() not in self.factors[factor].fit.law.fixed:
+                    out[f"{name}_{SHORT[factor]}"] = v
+        shared = laws_lib.natural({k: v for k, v in self.joint.params.items()
+                                   if k in self.joint.law.shared})
+        out.update(shared)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "method": self.method, "law": self.law,
+                "target": self.target, "heldout": self.heldout,
+                "certified": self.certified, "parameters": self.parameters(),
+                "joint": self.joint.to_json(),
+                "factors": {f: {"fit": ff.fit.to_json(), "fit_errors": ff.fit_errors,
+                                "heldout_errors": ff.heldout_errors}
+                            for f, ff in self.factors.items()}}
+
+
+def run(p: Plan, config: fitting.FitConfig = PAPER) -> ProcedureResult:
+    """Runs both stages once, certified, with errors on fitted and held-out rows."""
+    law1, data1, _ = stage_one(p)
+    joint = fitting.fit_data(law1, data1, config)
+    shared = {k: joint.params[k] for k in p.law.shared}
+    results = {}
+    for f in p.factors:
+        law2 = p.law.with_fixed(**shared)
+        rows = p.fit_rows[f]
+        data2 = fitting.prepare(law2, _inputs(p, f, rows), p.table[p.target][rows])
+        res = fitting.fit_data(law2, data2, config)
+        held = p.held_rows[f]
+        results[f] = FactorFit(
+            factor=f, fit=res,
+            fit_errors=heldout.errors(res.predict(_inputs(p, f, rows)), p.table[p.target][rows]),
+            heldout_errors=heldout.errors(res.predict(_inputs(p, f, held)),
+                                          p.table[p.target][held]))
+    return ProcedureResult(task=str(p.table["task"][0]), method=str(p.table["method"][0]),
+                           law=p.law.name, target=p.target, config=config, heldout=p.heldout,
+                           joint=joint, factors=results)
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """Both stages for B weightings of the table rows (bootstrap draws)."""
+
+    joint: fitting.Batch
+    factors: dict[str, fitting.Batch]
+    laws: dict[str, laws_lib.Law]             # stage-two law per factor (shared params fixed)
+    shared: dict[str, np.ndarray]             # [B] per shared parameter
+    heldout_delta: dict[str, np.ndarray]      # [B] weighted mean absolute deviation
+    fit_delta: dict[str, np.ndarray]
+
+    @property
+    def certified(self) -> np.ndarray:
+        ok = self.joint.certified.copy()
+        for b in self.factors.values():
+            ok &= b.certified
+        return ok
+
+
+def run_batch(p: Plan, weights: np.ndarray, config: fitting.FitConfig = PAPER) -> BatchResult:
+    """Both stages for each row of weights [B, len(table)], vectorised across rows."""
+    weights = np.atleast_2d(weights)
+    law1, data1, rows1 = stage_one(p)
+    joint = fitting.fit_batch(law1, data1, weights[:, rows1], config)
+    names = list(law1.names)
+    shared = {k: joint.theta[:, names.index(k)] for k in p.law.shared}
+    law2 = p.law.with_fixed(**{k: 0.0 for k in p.law.shared})
+    law2 = dataclasses.replace(law2, fixed={k: v for k, v in law2.fixed.items()
+                                            if k not in p.law.shared})
+    factors, laws, hd, fd = {}, {}, {}, {}
+    y = p.table[p.target]
+    for f in p.factors:
+        rows = p.fit_rows[f]
+        data2 = fitting.prepare(law2, _inputs(p, f, rows), y[rows], check_identifiable=False)
+        res = fitting.fit_batch(law2, data2, weights[:, rows], config, fixed_rows=shared)
+        factors[f], laws[f] = res, law2
+        for rr, store in ((p.held_rows[f], hd), (rows, fd)):
+            inp = {k: np.log(v) for k, v in _inputs(p, f, rr).items()}
+            lw = dataclasses.replace(law2, fixed={k: v[:, None] for k, v in shared.items()})
+            pred = np.exp(lw.log_loss(res.theta, inp)) if rr.size else np.zeros((len(res.theta), 0))
+            w = weights[:, rr]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                store[f] = np.sum(w * np.abs(pred - y[rr]), axis=1) / np.sum(w, axis=1)
+    return BatchResult(joint=joint, factors=factors, laws=laws, shared=shared,
+                       heldout_delta=hd, fit_delta=fd)
+
+
+def fit_curves(tab: Table, law: laws_lib.Law | str = "single", *, target: str = "test_loss",
+               config: fitting.FitConfig = PAPER,
+               heldout_spec: heldout.Spec | None = None) -> list[dict[str, Any]]:
+    """Fits a law of Df alone to each curve (runs sharing model, tokens and PET size)."""
+    law = laws_lib.get(law) if isinstance(law, str) else law
+    if tuple(law.inputs) != ("df",):
+        raise ValueError(f"fit_curves needs a law of df alone; {law.name!r} has {law.inputs}")
+    keys = [(m, p, t) for m, p, t in zip(tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE])]
+    spec = {FINETUNE_EXAMPLES: ["max"]} if heldout_spec is None else \
+        {k: v for k, v in heldout_spec.items() if k == FINETUNE_EXAMPLES}
+    out = []
+    for key in dict.fromkeys(keys):
+        rows = np.flatnonzero([k == key or (k[:2] == key[:2] and np.isnan(k[2]) and
+                                            np.isnan(key[2])) for k in keys])
+        sub = tab.where(rows)
+        held = heldout.mask(sub, spec)
+        fitted = sub.where(~held)
+        res = fitting.fit(law, {"df": fitted[FINETUNE_EXAMPLES]}, fitted[target], config)
+        out.append({"model_params": key[0], "pretrain_tokens": key[1], "pet_size": key[2],
+                    "fit": res,
+                    "fit_errors": heldout.errors(res.predict({"df": fitted[FINETUNE_EXAMPLES]}),
+                                                 fitted[target]),
+                    "heldout_errors": heldout.errors(
+                        res.predict({"df": sub.where(held)[FINETUNE_EXAMPLES]}),
+                        sub.where(held)[target])})
+    return out
+
+
+def fit_columns(tab: Table, law: laws_lib.Law | str, columns: Mapping[str, str], target: str,
+                config: fitting.FitConfig = PAPER) -> fitting.FitResult:
+    """Fits `law` with its inputs read from named columns, e.g. Chinchilla's
+    fit_columns(t, 'additive', {'x': 'params', 'df': 'tokens'}, 'loss', CHINCHILLA)."""
+    law = laws_lib.get(law) if isinstance(law, str) else law
+    return fitting.fit(law, {k: tab[c] for k, c in columns.items()}, tab[target], config)

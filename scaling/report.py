@@ -1,0 +1,86 @@
+"""Markdown tables in the paper's layouts (Table 2: multiplicative vs additive errors;
+Table 4: fitted parameters), and the fit summary."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from scaling import procedures
+
+FACTOR_LABELS = {"model_size": "LLM model size", "pretrain_data": "Pretraining data size",
+                 "pet_size": "PET parameter size"}
+LAW_LABELS = {"multiplicative": "Multi.", "additive": "Add."}
+PARAM_ORDER = ("A_m", "alpha_m", "A_p", "alpha_p", "A_t", "alpha_t", "B", "E", "beta")
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    """A number with `digits` significant figures; '-' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    s = f"{float(v):.{digits}g}"
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m[1] == "-" else "") + m[2], s)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def table2(results: Mapping[tuple[str, str, str], procedures.ProcedureResult]) -> str:
+    """Delta_e / Delta_h per factor (rows, multiplicative and additive) and task/method."""
+    cols = sorted({(t, m) for t, m, _ in results}, key=lambda k: (k[0], _method_rank(k[1])))
+    laws = [law for law in ("multiplicative", "additive") if any(k[2] == law for k in results)]
+    rows = []
+    for factor in procedures.FACTORS:
+        for law in laws:
+            cells = []
+            for t, m in cols:
+                r = results.get((t, m, law))
+                ff = r.factors.get(factor) if r else None
+                cells.append("-" if ff is None else
+                             f"{fmt(ff.fit_errors['delta'])}/{fmt(ff.heldout_errors['delta'])}")
+            if any(c != "-" for c in cells):
+                rows.append([FACTOR_LABELS[factor], LAW_LABELS.get(law, law)] + cells)
+    return _table(["factor", "law"] + [f"{t} {m}" for t, m in cols], rows)
+
+
+def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
+           intervals: Mapping[tuple[str, str], Mapping[str, Sequence[float]]] | None = None
+           ) -> str:
+    """Fitted parameters (rows) per task/method (columns); bootstrap intervals if given."""
+    cols = sorted(results, key=lambda k: (k[0], _method_rank(k[1])))
+    params = {c: results[c].parameters() for c in cols}
+    names = [n for n in PARAM_ORDER if any(n in p for p in params.values())]
+    names += sorted({n for p in params.values() for n in p} - set(names))
+    rows = []
+    for n in names:
+        cells = []
+        for c in cols:
+            v = params[c].get(n)
+            cell = fmt(v)
+            iv = (intervals or {}).get(c, {}).get(n)
+            if v is not None and iv is not None:
+                cell += f" [{fmt(iv[0])}, {fmt(iv[1])}]"
+            cells.append(cell)
+        rows.append([n] + cells)
+    return _table(["param"] + [f"{t} {m}" for t, m in cols], rows)
+
+
+def certification(results: Mapping[Any, procedures.ProcedureResult]) -> str:
+    rows = []
+    for key, r in results.items():
+        fits = [("joint (shared " + ",".join(r.joint.law.shared) + ")", r.joint)]
+        fits += [(f, ff.fit) for f, ff in r.factors.items()]
+        for name, f in fits:
+            rows.append([" ".join(map(str, key)), name, "yes" if f.certified else "**no**",
+                         f.reason or "", fmt(f.objective, 4)])
+    return _table(["fit", "stage", "certified", "reason", "objective (summed Huber)"], rows)
+
+
+def _method_rank(m: str) -> int:
+    order = {"fmt": 0, "prompt": 1, "lora": 2}
+    return order.get(m, 3)
