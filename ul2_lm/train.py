@@ -173,29 +173,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                   metadata={"data_state": all_hosts(batches.state()),
                             "config_model": config_fingerprint})
 
+    def check_finite(step: int, finite) -> None:
+        try:
+            optim.check_finite(finite, step, config.train.nan_policy, ckpt.latest_step())
+        except optim.NonFiniteError as e:
+            ckpt.wait_until_finished()
+            record.update(status="failed", failure_reason=str(e))
+            if jax.process_index() == 0:
+                record_lib.write(workdir, record)
+            raise
+
     last_eval: dict[str, float] | None = None
+    pending: tuple[int, jax.Array] | None = None  # (step, its `finite` flag), checked a step late
     window_start, window_steps = time.perf_counter(), 0
     with partitioning.activate(mesh, rules):
         for step in range(restored_step + 1, num_steps + 1):
             host_batch = next(batches)
             batch = partitioning.host_batch_to_global(host_batch, mesh, rules, global_batch)
             state, metrics = train_step(state, frozen, batch)
-            window_steps += 1
+            if step == restored_step + 1:
+                # Throughput is measured from the first compiled step on.
+                jax.block_until_ready(state)
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
+            # The guard already dropped a non-finite update, so no saved state is ever bad; the
+            # previous step's flag is read while this one runs, keeping the device busy.
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step, metrics["finite"])
 
             is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
             is_log = step % config.train.log_every_steps == 0 or step == num_steps
-            if is_log or is_eval or config.train.nan_policy == "stop":
+            if is_log or is_eval:
                 metrics = jax.device_get(metrics)
-                try:
-                    optim.check_finite(metrics["finite"], step, config.train.nan_policy,
-                                       ckpt.latest_step())
-                except optim.NonFiniteError as e:
-                    ckpt.wait_until_finished()
-                    record.update(status="failed", failure_reason=str(e))
-                    if jax.process_index() == 0:
-                        record_lib.write(workdir, record)
-                    raise
-            if is_log:
+            if is_log and window_steps:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed
                 mfu = tokens_per_s * flops_per_step / tokens_per_step / (peak * jax.device_count())
@@ -214,8 +226,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                          last_eval["perplexity"])
                 record["eval_history"].append({"step": step, "tokens_seen": step * tokens_per_step,
                                                "split": "dev", **last_eval})
-                window_start = time.perf_counter()
+                window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint.every_steps == 0 or step == num_steps:
+                check_finite(*pending)
                 record.update(steps=step, tokens_seen=step * tokens_per_step)
                 record["data"]["pretrain_tokens"] = step * tokens_per_step
                 # The record is written before the checkpoint: after a kill, what the newest
