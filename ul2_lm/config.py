@@ -334,6 +334,9 @@ def paper_pretraining(size: str = "1b") -> ml_collections.ConfigDict:
     c.data.vocab.size = 128_000
     c.train.num_steps = PAPER_PRETRAIN_STEPS
     c.train.global_batch_size = PAPER_GLOBAL_BATCH
+    # 64 sequences per microbatch: one per device on a 64-chip slice, so the 128K-entry logits
+    # of a 2M-token batch never sit in memory at once (see `python -m ul2_lm.plan`).
+    c.train.num_microbatches = 16
     c.train.eval_every_steps = 5_000
     c.train.log_every_steps = 100
     c.train.z_loss = 1e-4
