@@ -13,23 +13,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from scaling import fitting, laws as laws_lib, procedures
+from scaling import table as table_lib
 from scaling.table import FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS, Table
 
 Progress = Callable[[int, int], None]
-
-
-def configuration_ids(columns: Sequence[np.ndarray]) -> np.ndarray:
-    """One integer per distinct row of the given columns (NaN equals NaN)."""
-    keys = list(zip(*[np.where(np.isnan(c), -np.inf, c) if c.dtype.kind == "f" else c
-                      for c in columns]))
-    lookup: dict[Any, int] = {}
-    return np.array([lookup.setdefault(k, len(lookup)) for k in keys], int)
 
 
 def cluster_weights(config_ids: np.ndarray, n_draws: int, rng: np.random.Generator
@@ -52,7 +45,7 @@ def cluster_weights(config_ids: np.ndarray, n_draws: int, rng: np.random.Generat
 
 def table_weights(tab: Table, n_draws: int, seed: int) -> np.ndarray:
     """Cluster-bootstrap weights for a tidy table (configuration = all factors but the seed)."""
-    ids = configuration_ids([tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE],
+    ids = table_lib.configuration_ids([tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE],
                              tab[FINETUNE_EXAMPLES]])
     return cluster_weights(ids, n_draws, np.random.default_rng(seed))
 
@@ -62,9 +55,9 @@ def print_progress(done: int, total: int, _start=[None]) -> None:  # noqa: B006
     if _start[0] is None or done == 0:
         _start[0] = time.time()
     elapsed = time.time() - _start[0]
-    eta = elapsed / done * (total - done) if done else float("nan")
+    left = f", ~{elapsed / done * (total - done):.0f}s left" if done else ""
     end = "\n" if done >= total else ""
-    print(f"\r  bootstrap {done}/{total} draws, {elapsed:.1f}s elapsed, ~{eta:.0f}s left",
+    print(f"\r  bootstrap {done}/{total} draws, {elapsed:.1f}s elapsed{left}",
           end=end, file=sys.stderr, flush=True)
     if done >= total:
         _start[0] = None
@@ -113,7 +106,7 @@ def bootstrap_fit(law: laws_lib.Law | str, inputs: Mapping[str, Any], loss: Any,
     config = config or procedures.PAPER
     data = fitting.prepare(law, inputs, loss)
     if configurations is None:
-        configurations = configuration_ids([np.asarray(inputs[k], float) for k in law.inputs])
+        configurations = table_lib.configuration_ids([np.asarray(inputs[k], float) for k in law.inputs])
     W = cluster_weights(configurations, n_draws, np.random.default_rng(seed))
     thetas, ok = [], []
     if progress:

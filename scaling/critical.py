@@ -124,26 +124,27 @@ def closed_form(p1: Mapping[str, float], p2: Mapping[str, float]) -> dict[str, f
             "gamma": (p2["alpha"] - p1["alpha"]) / db}
 
 
-def draws_curve(predict1: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                predict2: Callable[[np.ndarray, np.ndarray], np.ndarray], xs: Sequence[float],
-                df_range: tuple[float, float], n_draws: int, level: float = 0.95) -> dict:
+def draws_curve(predict1: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
+                predict2: Callable[[int, np.ndarray, np.ndarray], np.ndarray], xs: Sequence[float],
+                df_range: tuple[float, float], draws: Sequence[int], level: float = 0.95) -> dict:
     """Bootstrap band of the first crossing over X.
 
-    predict(b, x, df) is draw b's loss; returns per X the median and percentile interval of
-    the first crossing over the draws that cross, and the fraction that cross.
+    predict(b, x, df) is draw b's loss; `draws` are the draws to use (e.g. the certified ones).
+    Returns per X the median and percentile interval of the first crossing over the draws that
+    cross, and the fraction of draws that cross.
     """
     med, lo, hi, frac = [], [], [], []
     q = (1 - level) / 2
     for x in xs:
         vals = []
-        for b in range(n_draws):
+        for b in draws:
             cs = crossings(lambda u: predict1(b, np.full(u.shape, x), np.exp(u)),
                            lambda u: predict2(b, np.full(u.shape, x), np.exp(u)), df_range,
                            grid=401)
             vals.append(cs[0].df if cs else math.nan)
-        v = np.log(np.array(vals))
+        v = np.log(np.array(vals, float))
         ok = v[np.isfinite(v)]
-        frac.append(ok.size / max(1, n_draws))
+        frac.append(ok.size / max(1, len(draws)))
         if ok.size:
             a, m, c = np.exp(np.quantile(ok, [q, 0.5, 1 - q]))
         else:
@@ -152,4 +153,4 @@ def draws_curve(predict1: Callable[[np.ndarray, np.ndarray], np.ndarray],
         lo.append(float(a))
         hi.append(float(c))
     return {"x": [float(x) for x in xs], "median": med, "lower": lo, "upper": hi,
-            "fraction_crossing": frac, "level": level}
+            "fraction_crossing": frac, "draws": len(draws), "level": level}

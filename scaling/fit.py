@@ -32,7 +32,8 @@ from scaling.table import FINETUNE_EXAMPLES, MODEL_PARAMS, Table
 
 DEFAULTS = {"task": None, "method": None, "factor": None, "law": "multiplicative,additive",
             "curve_law": None, "preset": "paper", "residual": None, "heldout": "paper",
-            "target": "test_loss", "bootstrap": 0, "seed": 0, "level": 0.95, "plots": True}
+            "target": "test_loss", "bootstrap": 0, "seed": 0, "level": 0.95, "plots": True,
+            "anchor": None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", choices=("raw", "log"), help="override the preset's residual")
     p.add_argument("--heldout", help="'paper' (starred values), 'largest', 'none', or "
                    "column=value,... e.g. pretrain_tokens=209e9,model_params=max")
+    p.add_argument("--anchor", help="the setting all sweeps share, overriding the inferred "
+                   "(most frequent) one: column=value,... over model_params, pretrain_tokens, "
+                   "pet_size, e.g. model_params=1e9,pretrain_tokens=max")
     p.add_argument("--target", help="loss column to fit (default test_loss)")
     p.add_argument("--bootstrap", type=int, help="bootstrap draws (0 = none)")
     p.add_argument("--seed", type=int, help="bootstrap seed")
@@ -66,7 +70,17 @@ def _split(s: str | None) -> list[str] | None:
     return None if s in (None, "") else [v.strip() for v in s.split(",") if v.strip()]
 
 
-def _heldout_spec(text: str, task: str) -> dict | None:
+def _anchor(text: str | None) -> dict | None:
+    if not text:
+        return None
+    spec = heldout.parse(text)
+    many = [c for c, v in spec.items() if len(v) > 1]
+    if many:
+        raise ValueError(f"--anchor gives several values for {many}; one per column")
+    return {c: v[0] for c, v in spec.items()}
+
+
+def _heldout_spec(text: str) -> dict | None:
     if text == "paper":
         return None  # procedures.plan uses heldout.paper(task)
     if text == "largest":
@@ -95,7 +109,8 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
             for law in law_names:
                 key = (task, method, law)
                 p = procedures.plan(sub, law, target=settings["target"], factors=factors,
-                                    heldout_spec=_heldout_spec(settings["heldout"], task))
+                                    heldout_spec=_heldout_spec(settings["heldout"]),
+                                    anchor=_anchor(settings["anchor"]))
                 print(f"fitting {task} {method} {law} ({len(sub)} runs)", file=sys.stderr)
                 r = procedures.run(p, config)
                 results[key], plans[key] = r, p
@@ -148,11 +163,14 @@ def _critical(results, plans, draws, settings, out) -> dict[str, Any]:
                     nat1, nat2 = laws.natural(f1.params), laws.natural(f2.params)
                     entry["closed_form"] = critical.closed_form(nat1, nat2)
                 if k1 in draws and k2 in draws:
-                    n = min(draws[k1].n, draws[k2].n, 200)
-                    pr1 = _draw_predictor(draws[k1])
-                    pr2 = _draw_predictor(draws[k2])
-                    entry["bootstrap"] = critical.draws_curve(pr1, pr2, xs, (1.0, 1e12), n,
-                                                              settings["level"])
+                    # Draw b of each method is an independent resample; pair them by index,
+                    # keeping pairs where both refits were certified.
+                    d1, d2 = draws[k1], draws[k2]
+                    n = min(d1.n, d2.n)
+                    both = np.flatnonzero(d1.certified[:n] & d2.certified[:n])
+                    entry["bootstrap"] = critical.draws_curve(
+                        _draw_predictor(d1), _draw_predictor(d2), xs, (1.0, 1e12), both,
+                        settings["level"])
                     bands[name] = entry["bootstrap"]
                 curves[name] = c
                 crit[f"{task} {law} {name}"] = entry
@@ -184,15 +202,30 @@ def _curves(tab, settings, config, out) -> list[dict[str, Any]]:
             sub = records.select(tab, task=task, method=method)
             fits = {n: procedures.fit_curves(sub, n, target=settings["target"], config=config)
                     for n in names}
+            panels = []
             for i, base in enumerate(fits[names[0]]):
-                entry = {"task": task, "method": method,
-                         **{k: base[k] for k in ("model_params", "pretrain_tokens", "pet_size")}}
+                key = {k: base[k] for k in ("model_params", "pretrain_tokens", "pet_size")}
+                entry = {"task": task, "method": method, **key}
                 for n in names:
                     f = fits[n][i]
                     entry[n] = {"fit": f["fit"].to_json(), "fit_errors": f["fit_errors"],
                                 "heldout_errors": f["heldout_errors"]}
                 rows.append(entry)
+                panels.append({"title": _curve_title(key),
+                               "df": base["df"], "loss": base["loss"], "held": base["held"],
+                               "fits": [(n, fits[n][i]["fit"]) for n in names]})
+            if settings["plots"]:
+                stem = f"{task}_{method}".replace("/", "-")
+                plots.curves(panels, str(out / "figures" / f"curves_{stem}.png"),
+                             f"{task} {method}: laws of Df alone per curve")
     return rows
+
+
+def _curve_title(key: dict[str, float]) -> str:
+    parts = [f"{key['model_params'] / 1e9:.3g}B params", f"{key['pretrain_tokens'] / 1e9:.3g}B tok"]
+    if np.isfinite(key["pet_size"]):
+        parts.append(f"PET {key['pet_size']:g}")
+    return ", ".join(parts)
 
 
 def _summary(results, draws, crit, curves, skipped, settings, config) -> str:

@@ -51,7 +51,7 @@ class FitConfig:
     bound_rtol: float = 1e-6            # closer than this (fraction of the range) = on a bound
     independent_check: bool = True      # also restart with scipy's L-BFGS-B (single fits)
     restarts: int = 2                   # polish restarts before the certifying restart
-    warmup_steps: int = 20              # damped Gauss-Newton (IRLS) steps before L-BFGS
+    warmup_steps: int = 100             # at most this many damped Gauss-Newton (IRLS) steps
 
     def __post_init__(self):
         if self.residual not in ("raw", "log"):
@@ -234,19 +234,26 @@ def gauss_newton(obj: Objective, x0: np.ndarray, steps: int) -> np.ndarray:
 
     A warm-up before L-BFGS: with a small Huber delta the objective is nearly piecewise linear
     away from the optimum, where quasi-Newton curvature estimates are poor; the IRLS model
-    (residuals beyond delta weighted by delta/|r|) has the right curvature there. Steps are
-    accepted only if the true objective decreases, so the warm-up never makes a start worse.
+    (residuals beyond delta weighted by delta/|r|) has the right curvature there. The steps
+    are invariant to rescaling a parameter, so they also cross flat directions (a
+    log-coefficient whose term is nearly negligible) where L-BFGS would crawl. Steps are
+    accepted only if the true objective decreases, so the warm-up never makes a start worse;
+    a start stops once it has not gained for a few steps.
     """
     x = x0.copy()
     S, P = x.shape
     if steps <= 0 or S == 0:
         return x
-    idx = np.arange(S)
     mu = np.full(S, 1e-3)
     lo, hi = obj.law.lower, obj.law.upper
-    f = obj.value(x, idx)
+    f = obj.value(x, np.arange(S))
+    idle = np.zeros(S, int)  # consecutive steps without a relative gain; 5 retire a start
     for _ in range(steps):
-        _, r, jac = obj._evaluate(x, idx)
+        idx = np.flatnonzero(idle < 5)
+        if idx.size == 0:
+            break
+        xa, fa, ma = x[idx], f[idx], mu[idx]
+        _, r, jac = obj._evaluate(xa, idx)
         w = obj._w(idx) * np.ones_like(r)
         with np.errstate(divide="ignore", invalid="ignore"):
             irls = np.where(np.abs(r) > obj.config.delta, obj.config.delta / np.abs(r), 1.0)
@@ -254,20 +261,22 @@ def gauss_newton(obj: Objective, x0: np.ndarray, steps: int) -> np.ndarray:
         g = np.einsum("sn,snp->sp", w * _huber_grad(r, obj.config.delta), jac)
         H = np.einsum("snp,sn,snq->spq", jac, w * irls, jac)
         d = np.maximum(np.einsum("spp->sp", H), 1e-300)
-        A = H + mu[:, None, None] * d[:, :, None] * np.eye(P)
+        A = H + ma[:, None, None] * d[:, :, None] * np.eye(P)
         ok = np.all(np.isfinite(A), axis=(1, 2)) & np.all(np.isfinite(g), axis=1)
-        step = np.zeros_like(x)
+        step = np.zeros_like(xa)
         if np.any(ok):
             try:
                 step[ok] = -np.linalg.solve(A[ok], g[ok][..., None])[..., 0]
             except np.linalg.LinAlgError:
                 step[ok] = -g[ok] / d[ok]
         step = np.where(np.isfinite(step), step, 0.0)
-        xt = np.clip(x + step, lo, hi)
+        xt = np.clip(xa + step, lo, hi)
         ft = obj.value(xt, idx)
-        better = ft < f
-        x[better], f[better] = xt[better], ft[better]
-        mu = np.where(better, np.maximum(mu / 3.0, 1e-9), np.minimum(mu * 4.0, 1e9))
+        better = ft < fa
+        gained = better & (fa - ft > obj.config.ftol * np.abs(fa))
+        x[idx[better]], f[idx[better]] = xt[better], ft[better]
+        mu[idx] = np.where(better, np.maximum(ma / 3.0, 1e-9), np.minimum(ma * 4.0, 1e9))
+        idle[idx] = np.where(gained, 0, idle[idx] + 1)
     return x
 
 
@@ -553,8 +562,9 @@ def fit_batch(law: laws_lib.Law, data: Data, weights: np.ndarray, config: FitCon
     res = optimize.minimize(obj.value_grad, obj.value, x0, law.lower, law.upper,
                             max_iter=config.max_iter, history=config.history,
                             gtol=config.gtol, xtol=config.xtol, ftol=config.ftol)
-    fs = res.f.reshape(B, C)
-    xs = res.x.reshape(B, C, -1)
+    x, fx = _drop_vanishing_terms(obj, res.x, res.f)
+    fs = fx.reshape(B, C)
+    xs = x.reshape(B, C, -1)
     best = np.argmin(np.where(np.isfinite(fs), fs, np.inf), axis=1)
     theta = xs[np.arange(B), best]
     f = fs[np.arange(B), best]
@@ -618,6 +628,9 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
     reasons: list[str | None] = [None] * B
     checks: list[dict[str, Any]] = [dict(objective=float(f[b])) for b in range(B)]
     lo, hi = law.lower, law.upper
+    # Objectives this small are rounding error of an exact fit: they agree whatever their ratio.
+    scale = 1.0 if config.residual == "log" else float(np.max(np.abs(data.y)))
+    exact = data.n * (1e-12 * scale) ** 2
     # (1) A fresh restart on the objective rescaled to 1 at the returned point.
     _, improvement = _restart(law, data, weights, config, theta, f, fixed_rows)
     obj = Objective(law, data, config, weights=weights, owner=np.arange(B),
@@ -626,8 +639,9 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
     for b in range(B):
         c = checks[b]
         c["restart_improvement"] = float(improvement[b])
+        # The objective is already rescaled to 1 at theta: its gradient is the relative one.
         c["relative_gradient"] = float(np.max(np.abs(optimize.projected(
-            theta[b:b + 1], grad[b:b + 1], lo, hi))) / f[b]) if f[b] > 0 else 0.0
+            theta[b:b + 1], grad[b:b + 1], lo, hi))))
         if not (np.isfinite(f[b]) and np.all(np.isfinite(theta[b]))):
             reasons[b] = "non-finite objective or parameters"
             continue
@@ -643,12 +657,12 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
                   if theta[b, i] - lo[i] <= tol[i] or hi[i] - theta[b, i] <= tol[i]]
         if pinned:
             reasons[b] = "parameter(s) at bounds: " + ", ".join(
-                f"{n} at its {side} bound {v:g}" for n, side, v in pinned)
+                _pinned_reason(law, n, side, v) for n, side, v in pinned)
             continue
         # (2) The best starts agree.
         if start_values is not None and start_values.shape[1] >= 2:
             fs = start_values[b]
-            agree = int(np.sum(fs <= f[b] + config.agree_rtol * max(abs(f[b]), 1e-300)))
+            agree = int(np.sum(fs <= f[b] + config.agree_rtol * abs(f[b]) + exact))
             c["starts_agreeing"] = agree
             c["starts"] = int(fs.size)
             if agree < 2:
@@ -657,6 +671,52 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
                               f"reached the best objective (next best is {second / f[b] - 1:.3g} "
                               "higher, relatively)")
     return reasons, checks
+
+
+def _pinned_reason(law, name, side, value):
+    text = f"{name} at its {side} bound {value:g}"
+    if side == "lower" and law.params[law.names.index(name)].linear:
+        # A log-coefficient at its floor means its term is negligible: the data favour a law
+        # without it (e.g. no loss floor E), which the law as written reaches only in the limit.
+        text += f" (its term exp({value:g}) = {math.exp(value):.2g} vanishes: the data favour " \
+                "dropping it)"
+    return text
+
+
+def _drop_vanishing_terms(obj: Objective, x: np.ndarray, f: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Polishes again, from its lower bound, every log-coefficient whose term has become
+    negligible (under 1% of the predicted loss at every point); keeps what is lower.
+
+    Such a term (the floor E of a curve that shows none) lies on a direction where the
+    objective flattens exponentially, and L-BFGS crawls towards the bound without reaching it.
+    Starting on the bound reaches that boundary optimum directly, where certification then
+    reports the parameter as pinned instead of leaving the polish stopped short.
+    """
+    law, x, f = obj.law, x.copy(), f.copy()
+    cfg = obj.config
+    everyone = np.arange(x.shape[0])
+    owner = everyone if obj.owner is None else obj.owner
+    for k in law.linear_index:
+        lo = law.lower[k]
+        trial = x.copy()
+        trial[:, k] = lo
+        model = obj._law(everyone)
+        with np.errstate(over="ignore", invalid="ignore"):
+            share = 1.0 - np.exp(model.log_loss(trial, obj.data.inputs)
+                                 - model.log_loss(x, obj.data.inputs))
+        sel = np.flatnonzero((x[:, k] > lo) & np.isfinite(f) & (f > 0)
+                             & (np.max(share, axis=1) < 1e-2))
+        if sel.size == 0:
+            continue
+        scaled = Objective(law, obj.data, cfg, weights=obj.weights, owner=owner[sel],
+                           scale=1.0 / f[sel], fixed_rows=obj.fixed_rows)
+        res = optimize.minimize(scaled.value_grad, scaled.value, trial[sel], law.lower,
+                                law.upper, max_iter=cfg.max_iter, history=cfg.history,
+                                gtol=cfg.gtol, xtol=cfg.xtol, ftol=cfg.ftol)
+        lower = res.f < 1.0
+        x[sel[lower]], f[sel[lower]] = res.x[lower], res.f[lower] * f[sel[lower]]
+    return x, f
 
 
 def _restart(law, data, weights, config, theta, f, fixed_rows):

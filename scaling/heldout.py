@@ -47,13 +47,14 @@ def parse(text: str) -> dict[str, list[float | str]]:
     return spec
 
 
-def resolve(values: np.ndarray, wanted: Sequence[float | str], column: str) -> list[float]:
+def resolve(values: np.ndarray, wanted: Sequence[float | str], column: str,
+            what: str = "held-out value") -> list[float]:
     """Data values meant by `wanted` among `values` (NaN ignored); errors if one is absent."""
     finite = np.unique(values[np.isfinite(values)])
     out = []
     for w in wanted:
         if finite.size == 0:
-            raise ValueError(f"held-out value {w!r} for {column!r}: the column has no values")
+            raise ValueError(f"{what} {w!r} for {column!r}: the column has no values")
         if w == "max":
             out.append(float(finite.max()))
         elif w == "min":
@@ -62,7 +63,7 @@ def resolve(values: np.ndarray, wanted: Sequence[float | str], column: str) -> l
             w = float(w)
             near = finite[np.argmin(np.abs(finite - w))]
             if abs(near - w) > MATCH_RTOL * abs(w):
-                raise ValueError(f"held-out value {w:g} for {column!r} is not in the data "
+                raise ValueError(f"{what} {w:g} for {column!r} is not in the data "
                                  f"(values: {', '.join(f'{v:g}' for v in finite)})")
             out.append(float(near))
     return out

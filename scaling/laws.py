@@ -294,11 +294,12 @@ def additive(p, x):
     return logsumexp(p.a - p.alpha * x.x, p.b - p.beta * x.df, p.e)
 
 
-@register("rectified", inputs=("df",), shared=(),
-          params={"b": (-20.0, 60.0), "dl": (-20.0, 40.0), "beta": (0.0, 5.0),
-                  "e": (-20.0, 5.0), "alpha": (0.01, 10.0)},
-          grid={"b": (-2.0, 12.0), "dl": (0.0, 14.0), "beta": (0.1, 1.5), "e": (-4.0, 1.0),
-                "alpha": (0.3, 2.0)})
+@register("rectified", inputs=("df",), linear=("b", "e"),
+          params={"b": _LOG_COEF, "dl": (-20.0, 40.0), "beta": _EXPONENT, "e": _LOG_FLOOR},
+          grid={"dl": (-2.0, 16.0), "beta": (0.05, 2.0)})
 def rectified(p, x):
-    """L(D) = (B / (D_l + D^beta) + E)^alpha (Lin et al. 2024); dl = log D_l."""
-    return p.alpha * logsumexp(p.b - logsumexp(p.dl, p.beta * x.df), p.e)
+    """L(D) = B / (D_l + D^beta) + E (Lin et al. 2024); dl = log D_l, the pre-learned data size.
+
+    Linear in B and E, so the global search grids only (dl, beta).
+    """
+    return logsumexp(p.b - logsumexp(p.dl, p.beta * x.df), p.e)

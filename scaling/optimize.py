@@ -32,17 +32,13 @@ class Result:
 
 def minimize(value_grad: ValueGrad, value: Value, x0: np.ndarray, lower: np.ndarray,
              upper: np.ndarray, *, max_iter: int = 500, history: int = 20,
-             gtol: float = 1e-10, xtol: float = 1e-12, ftol: float = 1e-12,
-             precondition: np.ndarray | None = None) -> Result:
+             gtol: float = 1e-10, xtol: float = 1e-12, ftol: float = 1e-12) -> Result:
     """Minimises S problems from starts x0 [S, P] within [lower, upper].
 
     value_grad(x, idx) and value(x, idx) evaluate the problems idx at rows x. A problem stops
     when max |projected gradient| <= gtol * f, when a step changes no parameter by more than
     xtol (relative), when three steps in a row gain less than ftol * f, or when no step
     along the search direction decreases f.
-    `precondition` [S, P, P] is an initial inverse-Hessian shape (e.g. inverse Gauss-Newton):
-    strongly correlated parameters (log A and alpha when log X is far from 0) then cost a few
-    iterations instead of hundreds.
     """
     x = np.clip(np.array(x0, float), lower, upper)
     S, P = x.shape
@@ -73,10 +69,9 @@ def minimize(value_grad: ValueGrad, value: Value, x0: np.ndarray, lower: np.ndar
             break
         iters[idx] += 1
 
-        pre = None if precondition is None else precondition[idx]
-        d = -_two_loop(pg, s_hist[idx], y_hist[idx], rho[idx], n_hist[idx], pre)
+        d = -_two_loop(pg, s_hist[idx], y_hist[idx], rho[idx], n_hist[idx])
         d = np.where(_blocked(xa, d, lower, upper), 0.0, d)
-        fresh = (n_hist[idx] == 0) & (pre is None)
+        fresh = n_hist[idx] == 0
         slope = np.sum(pg * d, axis=1)
         bad = ~(slope < 0) | fresh
         if np.any(bad):
@@ -144,6 +139,7 @@ def minimize(value_grad: ValueGrad, value: Value, x0: np.ndarray, lower: np.ndar
 
 
 def projected(x, g, lower, upper):
+    """The gradient with components that push against an active bound set to zero."""
     return np.where(((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)), 0.0, g)
 
 
@@ -151,7 +147,7 @@ def _blocked(x, d, lower, upper):
     return ((x <= lower) & (d < 0)) | ((x >= upper) & (d > 0))
 
 
-def _two_loop(g, s_hist, y_hist, rho, n_hist, pre=None):
+def _two_loop(g, s_hist, y_hist, rho, n_hist):
     S, m, _ = s_hist.shape
     q = g.copy()
     alphas = np.zeros((S, m))
@@ -161,14 +157,9 @@ def _two_loop(g, s_hist, y_hist, rho, n_hist, pre=None):
         alphas[:, j] = a
         q -= a[:, None] * y_hist[:, j]
     sy = np.sum(s_hist[:, -1] * y_hist[:, -1], axis=1)
-    if pre is None:
-        yy = np.sum(y_hist[:, -1] ** 2, axis=1)
-        gamma = np.where((n_hist > 0) & (yy > 0), sy / np.where(yy > 0, yy, 1.0), 1.0)
-        r = gamma[:, None] * q
-    else:
-        yy = np.einsum("sp,spq,sq->s", y_hist[:, -1], pre, y_hist[:, -1])
-        gamma = np.where((n_hist > 0) & (yy > 0), sy / np.where(yy > 0, yy, 1.0), 1.0)
-        r = gamma[:, None] * np.einsum("spq,sq->sp", pre, q)
+    yy = np.sum(y_hist[:, -1] ** 2, axis=1)
+    gamma = np.where((n_hist > 0) & (yy > 0), sy / np.where(yy > 0, yy, 1.0), 1.0)
+    r = gamma[:, None] * q
     for j in range(m):
         valid = j >= m - n_hist
         b = np.where(valid, rho[:, j] * np.sum(y_hist[:, j] * r, axis=1), 0.0)

@@ -25,8 +25,7 @@ def _label(factor: str, x: float) -> str:
     return f"{x / div:g}{suffix}"
 
 
-def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path: str,
-                bands: Mapping[str, np.ndarray] | None = None) -> str:
+def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path: str) -> str:
     """One panel per factor: observed losses (hollow = held out) and the fitted law per X."""
     factors = list(result.factors)
     fig, axes = plt.subplots(1, len(factors), figsize=(4.6 * len(factors), 3.8), squeeze=False)
@@ -108,22 +107,32 @@ def critical_sizes(curves: Mapping[str, dict], path: str, title: str,
     return _save(fig, path)
 
 
-def curves(df: np.ndarray, loss: np.ndarray, fits: Sequence[tuple[str, object]], path: str,
-           title: str, held: np.ndarray | None = None) -> str:
-    """One curve: observations and several fitted laws of Df (e.g. single vs rectified)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    held = np.zeros(df.shape, bool) if held is None else held
-    ax.plot(df[~held], loss[~held], "ko", ms=4, label="fitted points")
-    if held.any():
-        ax.plot(df[held], loss[held], "ko", mfc="none", ms=6, label="held out")
-    grid = np.geomspace(df.min(), df.max(), 200)
-    for name, fit in fits:
-        ax.plot(grid, fit.predict({"df": grid}), lw=1.2, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("finetuning examples")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+def curves(panels: Sequence[Mapping], path: str, title: str) -> str:
+    """Per-curve fits of laws of Df alone (e.g. single vs rectified), one panel per curve.
+
+    Each panel: 'title', 'df', 'loss', 'held' (bool mask) and 'fits' [(name, FitResult)].
+    """
+    cols = min(5, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.ravel(), panels):
+        df, loss, held = panel["df"], panel["loss"], panel["held"]
+        ax.plot(df[~held], loss[~held], "ko", ms=3)
+        ax.plot(df[held], loss[held], "ko", mfc="none", ms=5)
+        grid = np.geomspace(df.min(), df.max(), 200)
+        for name, fit in panel["fits"]:
+            ax.plot(grid, fit.predict({"df": grid}), lw=1.1,
+                    ls="-" if fit.certified else "--",
+                    label=name + ("" if fit.certified else " (not certified)"))
+        ax.set_xscale("log")
+        ax.set_title(panel["title"], fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    fig.suptitle(title + " (hollow = held out; dashed = fit not certified)", fontsize=9)
+    fig.supxlabel("finetuning examples", fontsize=8)
+    fig.supylabel("loss", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

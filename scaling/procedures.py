@@ -11,10 +11,11 @@ first fitted jointly on the model-size and pretraining-data sweeps, each with it
 alpha; then they are held fixed while A and alpha are refitted per factor, PET size included.
 Runs at held-out values are left out of both stages.
 
-Sweeps: the anchor is the most frequent (model, pretraining tokens, PET size) setting. The
-model-size sweep holds the anchor's PET size and each model's fully pretrained checkpoint; the
-pretraining-data sweep holds the anchor's model and PET size; the PET-size sweep holds the
-anchor's model and pretraining tokens.
+Sweeps: the anchor is the (model, pretraining tokens, PET size) setting all sweeps share; by
+default the most frequent one, or given explicitly (`anchor=`, the CLI's --anchor) when that
+guess is wrong, e.g. when one sweep has more seeds. The model-size sweep holds the anchor's PET
+size and each model's fully pretrained checkpoint; the pretraining-data sweep holds the anchor's
+model and PET size; the PET-size sweep holds the anchor's model and pretraining tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from scaling import fitting, heldout, laws as laws_lib
 from scaling.table import (FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS,
-                           Table)
+                           Table, configuration_ids)
 
 PAPER = fitting.FitConfig(name="paper", delta=1e-3, residual="raw", grid_points=2000, top_k=4)
 CHINCHILLA = fitting.FitConfig(
@@ -58,14 +59,26 @@ def _same(a: np.ndarray, b: float) -> np.ndarray:
     return (np.isnan(a) & np.isnan(b)) | (a == b)
 
 
-def sweeps(tab: Table) -> dict[str, np.ndarray]:
-    """Row indices of each factor's sweep (factors with at least two values only)."""
+ANCHOR_COLUMNS = (MODEL_PARAMS, PRETRAIN_TOKENS, PET_SIZE)
+
+
+def sweeps(tab: Table, anchor: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Row indices of each factor's sweep (factors with at least two values only).
+
+    `anchor` gives the shared setting by column (model_params, pretrain_tokens, pet_size;
+    values matched like held-out values); columns it leaves out are inferred.
+    """
     if len(tab) == 0:
         return {}
     m, p, t = tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]
     key = lambda i: (m[i], p[i], -1.0 if np.isnan(t[i]) else t[i])  # noqa: E731
-    anchor = Counter(key(i) for i in range(len(tab))).most_common(1)[0][0]
-    am, ap, at = anchor[0], anchor[1], np.nan if anchor[2] == -1.0 else anchor[2]
+    am, ap, at = Counter(key(i) for i in range(len(tab))).most_common(1)[0][0]
+    at = np.nan if at == -1.0 else at
+    for col, value in (anchor or {}).items():
+        if col not in ANCHOR_COLUMNS:
+            raise ValueError(f"anchor column {col!r} is not one of {list(ANCHOR_COLUMNS)}")
+        (v,) = heldout.resolve(tab[col], [value], col, what="anchor")
+        am, ap, at = (v if c == col else old for c, old in zip(ANCHOR_COLUMNS, (am, ap, at)))
     full = np.array([p[i] == np.max(p[m == m[i]]) for i in range(len(tab))])
     masks = {"model_size": _same(t, at) & full,
              "pretrain_data": _same(t, at) & (m == am),
@@ -93,8 +106,13 @@ class Plan:
 
 
 def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str = "test_loss",
-         heldout_spec: heldout.Spec | None = None, factors: Sequence[str] | None = None) -> Plan:
-    """Splits one task/method table into the procedure's fit and held-out rows."""
+         heldout_spec: heldout.Spec | None = None, factors: Sequence[str] | None = None,
+         anchor: Mapping[str, float] | None = None) -> Plan:
+    """Splits one task/method table into the procedure's fit and held-out rows.
+
+    `heldout_spec` None holds out the paper's starred values (`heldout.paper`); `anchor`
+    overrides the inferred shared setting of the sweeps (see `sweeps`).
+    """
     law = laws_lib.get(law) if isinstance(law, str) else law
     if tuple(law.inputs) != ("x", "df"):
         raise ValueError(f"the two-stage procedure needs a law of (x, df); {law.name!r} has "
@@ -108,7 +126,7 @@ def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str 
     if bad.size:
         runs = tab["run"][bad][:5].tolist() if "run" in tab else bad[:5].tolist()
         raise ValueError(f"target {target!r} is NaN or infinite for run(s) {runs}")
-    sw = sweeps(tab)
+    sw = sweeps(tab, anchor)
     if factors is not None:
         unknown = set(factors) - set(FACTORS)
         if unknown:
@@ -124,12 +142,22 @@ def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str 
     spec = heldout.paper(str(tab["task"][0])) if heldout_spec is None else dict(heldout_spec)
     fit_rows, held_rows, resolved = {}, {}, {}
     for f, rows in sw.items():
+        # Only the swept factor and Df are held out per sweep: a starred value of a factor
+        # that is not swept here (the paper's 209B tokens in a model-size study) is no error.
+        columns = (FACTORS[f], FINETUNE_EXAMPLES)
         sub = tab.where(rows)
-        held = heldout.mask(sub, spec, columns=(FACTORS[f], FINETUNE_EXAMPLES))
+        try:
+            held = heldout.mask(sub, spec, columns=columns)
+            resolved.update({c: heldout.resolve(sub[c], spec[c], c) for c in columns
+                             if c in spec and c not in resolved})
+        except ValueError as e:
+            if heldout_spec is not None:
+                raise
+            raise ValueError(f"{e}; the default held-out split is the paper's starred values "
+                             "(Table 1b): for another grid use the 'largest' split (CLI "
+                             "--heldout=largest) or name values (--heldout=column=value,...)"
+                             ) from None
         fit_rows[f], held_rows[f] = rows[~held], rows[held]
-    for col, wanted in spec.items():
-        if col in tab and np.any(np.isfinite(tab[col])):
-            resolved[col] = heldout.resolve(tab[col], wanted, col)
     joint = [f for f in JOINT if f in sw] or list(sw)
     return Plan(table=tab, target=target, law=law, factors=list(sw), fit_rows=fit_rows,
                 held_rows=held_rows, joint=joint, heldout=resolved)
@@ -279,18 +307,18 @@ def fit_curves(tab: Table, law: laws_lib.Law | str = "single", *, target: str = 
     law = laws_lib.get(law) if isinstance(law, str) else law
     if tuple(law.inputs) != ("df",):
         raise ValueError(f"fit_curves needs a law of df alone; {law.name!r} has {law.inputs}")
-    keys = [(m, p, t) for m, p, t in zip(tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE])]
+    curve = configuration_ids([tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]])
     spec = {FINETUNE_EXAMPLES: ["max"]} if heldout_spec is None else \
         {k: v for k, v in heldout_spec.items() if k == FINETUNE_EXAMPLES}
     out = []
-    for key in dict.fromkeys(keys):
-        rows = np.flatnonzero([k == key or (k[:2] == key[:2] and np.isnan(k[2]) and
-                                            np.isnan(key[2])) for k in keys])
-        sub = tab.where(rows)
+    for c in range(curve.max() + 1 if curve.size else 0):
+        sub = tab.where(curve == c)
+        key = (sub[MODEL_PARAMS][0], sub[PRETRAIN_TOKENS][0], sub[PET_SIZE][0])
         held = heldout.mask(sub, spec)
         fitted = sub.where(~held)
         res = fitting.fit(law, {"df": fitted[FINETUNE_EXAMPLES]}, fitted[target], config)
         out.append({"model_params": key[0], "pretrain_tokens": key[1], "pet_size": key[2],
+                    "df": sub[FINETUNE_EXAMPLES], "loss": sub[target], "held": held,
                     "fit": res,
                     "fit_errors": heldout.errors(res.predict({"df": fitted[FINETUNE_EXAMPLES]}),
                                                  fitted[target]),

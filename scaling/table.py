@@ -100,6 +100,15 @@ class Table:
         return cls(cols)
 
 
+def configuration_ids(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """One integer per distinct row of the given columns, in order of first appearance
+    (NaN equals NaN, so runs without a PET size group together)."""
+    keys = list(zip(*[np.where(np.isnan(c), -np.inf, c).tolist() if c.dtype.kind == "f"
+                      else c.tolist() for c in columns]))
+    lookup: dict[Any, int] = {}
+    return np.array([lookup.setdefault(k, len(lookup)) for k in keys], int)
+
+
 def _column(name, values):
     arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
     if name in TEXT or arr.dtype.kind in "OUS":

@@ -59,3 +59,18 @@ def test_methods_without_overlapping_sizes_have_no_interpolated_crossing():
 def test_bad_range_is_an_error():
     with pytest.raises(ValueError, match="df_range"):
         critical.crossings(lambda u: u, lambda u: u, (10.0, 1.0))
+
+
+def test_bootstrap_band_uses_only_the_draws_it_is_given():
+    # Draw b's second method is flat at the first one's loss at Df = 10^(b+2): they cross
+    # there. Draws 0-2 are given; any other draw would move the band.
+    def predict1(b, x, df):
+        return 10.0 * df ** -0.5 + 1.0
+
+    def predict2(b, x, df):
+        return np.full(df.shape, predict1(b, x, 10.0 ** (b + 2)))
+
+    band = critical.draws_curve(predict1, predict2, [1.0], (1.0, 1e12), [0, 1, 2], level=0.5)
+    assert band["draws"] == 3 and band["fraction_crossing"] == [1.0]
+    assert band["median"][0] == pytest.approx(1e3, rel=1e-6)
+    assert 1e2 < band["lower"][0] < band["upper"][0] < 1e4

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from scaling import bootstrap, critical, heldout, laws, planted, procedures, records
+from scaling.table import Table
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,6 @@ def test_bootstrap_is_reproducible_from_its_seed(prompt_fit):
 
 
 def test_chinchilla_preset_fits_any_two_columns_of_a_table():
-    from scaling.table import Table
-
     rng = np.random.default_rng(0)
     n = np.exp(rng.uniform(np.log(7e7), np.log(1.6e10), 120))
     d = n * np.exp(rng.uniform(np.log(5), np.log(100), 120))
@@ -126,3 +125,42 @@ def test_heldout_value_not_in_the_data_is_an_error():
         procedures.plan(tab, "multiplicative", heldout_spec={"pretrain_tokens": [200e9]})
     assert heldout.parse("pretrain_tokens=209e9,model_params=max") == {
         "pretrain_tokens": [209e9], "model_params": ["max"]}
+
+
+def _fmt_table(**kw):
+    return records.select(planted.paper_table("en-de", ["fmt"], noise=0.0, **kw), method="fmt")
+
+
+def test_paper_split_needs_its_values_only_for_swept_factors_and_says_what_to_do():
+    tab = _fmt_table()
+    tokens = tab["pretrain_tokens"]
+    without_209b = tab.where(~np.isclose(tokens, 209e9))
+    with pytest.raises(ValueError, match="not in the data.*--heldout=largest"):
+        procedures.plan(without_209b, "multiplicative")
+    # A model-size study alone never needs the 209B checkpoint.
+    only_models = tab.where(tokens == tokens.max())
+    p = procedures.plan(only_models, "multiplicative")
+    assert p.factors == ["model_size"] and "pretrain_tokens" not in p.heldout
+
+
+def test_an_explicit_anchor_overrides_the_inferred_sweeps():
+    tab = _fmt_table()
+    # Extra seeds of the 2B model make it the most frequent setting: the inferred anchor then
+    # has no pretraining-data sweep.
+    extra = tab.where(tab["model_params"] == 2e9)
+    extra = Table({k: extra[k] if k != "seed" else extra[k] + 1 for k in extra.names})
+    skewed = tab.concat(extra)
+    assert "pretrain_data" not in procedures.sweeps(skewed)
+    fixed = procedures.sweeps(skewed, {"model_params": 1e9})
+    assert set(fixed) == {"model_size", "pretrain_data"}
+    assert np.all(skewed["model_params"][fixed["pretrain_data"]] == 1e9)
+    with pytest.raises(ValueError, match="anchor 3e\\+09 for 'model_params' is not in the data"):
+        procedures.sweeps(skewed, {"model_params": 3e9})
+
+
+def test_per_curve_fits_fit_each_configuration_once():
+    tab = _fmt_table()
+    curves = procedures.fit_curves(tab, "single")
+    settings = {(m, t) for m, t in zip(tab["model_params"], tab["pretrain_tokens"])}
+    assert len(curves) == len(settings)
+    assert all(c["held"].sum() == 1 for c in curves)  # the largest Df of each curve

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling import fitting, heldout, laws, procedures
+from scaling import fitting, heldout, procedures
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data" / "finetune-scaling"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(),
@@ -53,12 +53,22 @@ def fits():
     return out
 
 
-def test_fits_stay_inside_their_bounds(fits):
+def test_fits_end_at_a_certified_minimum_or_on_a_bound_they_name(fits):
     for row in fits:
         for name in ("single", "rectified"):
             res = row[name]
             assert np.all(res.theta >= res.law.lower) and np.all(res.theta <= res.law.upper)
-            assert res.certified or res.reason  # a failed certificate always says why
+            # Real curves may put the optimum on a boundary (no loss floor: E -> 0; no
+            # pre-power phase: D_l -> 0), but a fit never stops short of a minimum.
+            assert res.certified or res.reason.startswith("parameter(s) at bounds"), \
+                (row["curve"], name, res.reason)
+            # Exponents are identified by every curve: never pinned.
+            assert "beta at" not in (res.reason or ""), (row["curve"], name, res.reason)
+
+
+def test_rectified_law_is_certified_on_most_curves(fits):
+    certified = [row["rectified"].certified for row in fits]
+    assert np.mean(certified) >= 0.5, [(r["curve"], r["rectified"].reason) for r in fits]
 
 
 def test_heldout_error_on_the_largest_sizes_is_finite_and_reported(fits):
@@ -90,6 +100,6 @@ def test_joint_law_with_model_size_within_a_family():
     res = fitting.fit("multiplicative", {"x": x[~held], "df": df[~held]}, loss[~held],
                       procedures.PAPER)
     assert np.all(res.theta >= res.law.lower) and np.all(res.theta <= res.law.upper)
+    assert res.certified or res.reason.startswith("parameter(s) at bounds"), res.reason
     e = heldout.errors(res.predict({"x": x[held], "df": df[held]}), loss[held])
     assert e["n"] == held.sum() and math.isfinite(e["delta"]) and e["delta"] < 1.0
-    assert laws.natural(res.params)["E"] > 0

@@ -99,6 +99,8 @@ def test_cli_bootstrap_and_curve_laws_write_intervals(study, tmp_path):
     lo, hi = boot["intervals"]["beta"]
     assert lo <= doc["results"][0]["parameters"]["beta"] <= hi
     assert doc["curves"] and "single" in doc["curves"][0]
+    assert len(doc["curves"]) == len(set(zip(study[1]["model_params"],
+                                             study[1]["pretrain_tokens"])))  # one per curve
 
 
 BAD_RECORDS = [
@@ -136,6 +138,8 @@ def test_cli_bad_input_is_one_clear_message(tmp_path, study, capsys):
     assert "task ['en-fr'] not in the table" in capsys.readouterr().err
     assert cli.main([f"--runs={root}", f"--out={tmp_path / 'o'}", "--law=cubic"]) == 2
     assert "unknown law 'cubic'" in capsys.readouterr().err
+    assert cli.main([f"--runs={root}", f"--out={tmp_path / 'o'}", "--anchor=model_params=3e9"]) == 2
+    assert "anchor 3e+09 for 'model_params' is not in the data" in capsys.readouterr().err
 
 
 def test_nan_target_names_the_run(tmp_path):
