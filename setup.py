@@ -23,6 +23,9 @@ DATA = [
     "sentencepiece>=0.2",
 ]
 
+# Generation metrics (BLEU, chrF, ROUGE-L); BLEURT is optional and installed by hand.
+EVAL = ["sacrebleu>=2.4", "rouge-score>=0.1.2"]
+
 setuptools.setup(
     name="ul2-lm",
     version="0.1.0",
@@ -32,7 +35,8 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         "data": DATA,
-        "test": DATA + ["pytest>=8", "pytest-xdist>=3.5"],
+        "eval": EVAL,
+        "test": DATA + EVAL + ["pytest>=8", "pytest-xdist>=3.5"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
     },
