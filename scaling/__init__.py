@@ -8,7 +8,8 @@ Modules (one idea each):
   procedures  the paper and Chinchilla presets; the paper's two-stage shared beta/E procedure
   heldout     held-out splits by factor values; Delta (mean absolute deviation), RMSE
   critical    critical finetuning size between methods (bracketed roots, closed form)
-  bootstrap   cluster bootstrap over configurations and seeds, vectorised refits
+  bootstrap   cluster bootstrap over configurations and seeds, vectorised refits, prediction
+              bands
   table       the tidy table; records: run records -> tidy table
   report      Markdown tables in the paper's layouts; plots: figures
   planted     the paper's grid and Table 4 laws, for planted-truth studies

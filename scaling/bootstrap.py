@@ -5,7 +5,8 @@ replacement, then, within each picked configuration, its seed replicates with re
 becomes integer weights on the original rows. Every draw is refitted with the same global search
 and certified; intervals use the certified draws and say how many those were. Draws are
 vectorised (all weightings share the points), so 1,000 refits cost a few seconds, and are
-reproducible from one seed.
+reproducible from one seed. The draws' predicted losses give intervals of predictions
+(`prediction_band`) and, through `predictor`, of critical sizes (`critical.draws_curve`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def bootstrap_fit(law: laws_lib.Law | str, inputs: Mapping[str, Any], loss: Any,
     config = config or procedures.PAPER
     data = fitting.prepare(law, inputs, loss)
     if configurations is None:
-        configurations = table_lib.configuration_ids([np.asarray(inputs[k], float) for k in law.inputs])
+        configurations = table_lib.configuration_ids([np.asarray(inputs[k], float)
+                                                      for k in law.inputs])
     W = cluster_weights(configurations, n_draws, np.random.default_rng(seed))
     thetas, ok = [], []
     if progress:
@@ -158,10 +160,39 @@ def bootstrap_procedure(plan: procedures.Plan, config: fitting.FitConfig = proce
     return Draws(values=values, certified=certified, seed=seed, extra=extra)
 
 
-def predictions(draws: Draws, factor: str, x: np.ndarray, df: np.ndarray) -> np.ndarray:
-    """Predicted losses [B, N] of every draw of a procedure bootstrap at (x, df)."""
+def predictions(draws: Draws, factor: str, x: np.ndarray, df: np.ndarray,
+                rows: np.ndarray | None = None) -> np.ndarray:
+    """Predicted losses [B, N] of every draw (or of draws `rows`) of a procedure bootstrap at
+    (x, df) [N]; x and df may also be [B, N], one row of points per draw."""
+    theta = draws.extra[f"theta[{factor}]"]
+    shared = draws.extra["shared"]
+    if rows is not None:
+        theta = theta[rows]
+        shared = {k: v[rows] for k, v in shared.items()}
     law = draws.extra["laws"][factor]
-    law = dataclasses.replace(law, fixed={**law.fixed, **{
-        k: v[:, None] for k, v in draws.extra["shared"].items()}})
+    law = dataclasses.replace(law, fixed={**law.fixed, **{k: v[:, None]
+                                                          for k, v in shared.items()}})
     logs = {"x": np.log(np.asarray(x, float)), "df": np.log(np.asarray(df, float))}
-    return np.exp(law.log_loss(draws.extra[f"theta[{factor}]"], logs))
+    return np.exp(law.log_loss(theta, logs))
+
+
+def prediction_band(draws: Draws, factor: str, x: np.ndarray, df: np.ndarray,
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval [N] of the predicted loss at (x, df) [N] over the certified draws."""
+    pred = predictions(draws, factor, x, df, rows=np.flatnonzero(draws.certified))
+    q = (1.0 - level) / 2.0
+    if pred.shape[0] == 0:
+        nan = np.full(np.shape(pred)[1:], np.nan)
+        return nan, nan.copy()
+    lo, hi = np.nanquantile(pred, [q, 1.0 - q], axis=0)
+    return lo, hi
+
+
+def predictor(draws: Draws, factor: str) -> Callable[[np.ndarray, float, np.ndarray],
+                                                       np.ndarray]:
+    """predict(rows, x, df) -> losses [len(rows), N] of draws `rows` at one X and Df [N] or
+    [len(rows), N] (the form `critical.draws_curve` takes)."""
+    def predict(rows, x, df):
+        df = np.asarray(df, float)
+        return predictions(draws, factor, np.full(df.shape, float(x)), df, rows=rows)
+    return predict

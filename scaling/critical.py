@@ -124,27 +124,29 @@ def closed_form(p1: Mapping[str, float], p2: Mapping[str, float]) -> dict[str, f
             "gamma": (p2["alpha"] - p1["alpha"]) / db}
 
 
-def draws_curve(predict1: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
-                predict2: Callable[[int, np.ndarray, np.ndarray], np.ndarray], xs: Sequence[float],
-                df_range: tuple[float, float], draws: Sequence[int], level: float = 0.95) -> dict:
+DrawPredict = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
+
+
+def draws_curve(predict1: DrawPredict, predict2: DrawPredict, xs: Sequence[float],
+                df_range: tuple[float, float], draws: Sequence[int], level: float = 0.95,
+                grid: int = 401) -> dict:
     """Bootstrap band of the first crossing over X.
 
-    predict(b, x, df) is draw b's loss; `draws` are the draws to use (e.g. the certified ones).
+    predict(rows, x, df) gives the losses [K, N] of draws `rows` [K] at one X and Df [N] (or
+    [K, N], a row of sizes per draw); `draws` are the draws to use (e.g. the certified ones).
     Returns per X the median and percentile interval of the first crossing over the draws that
     cross, and the fraction of draws that cross.
     """
+    draws = np.asarray(draws, int)
     med, lo, hi, frac = [], [], [], []
     q = (1 - level) / 2
     for x in xs:
-        vals = []
-        for b in draws:
-            cs = crossings(lambda u: predict1(b, np.full(u.shape, x), np.exp(u)),
-                           lambda u: predict2(b, np.full(u.shape, x), np.exp(u)), df_range,
-                           grid=401)
-            vals.append(cs[0].df if cs else math.nan)
-        v = np.log(np.array(vals, float))
+        first = first_crossings(lambda rows, u: predict1(rows, x, np.exp(u)),
+                                lambda rows, u: predict2(rows, x, np.exp(u)), draws,
+                                df_range, grid)
+        v = np.log(first)
         ok = v[np.isfinite(v)]
-        frac.append(ok.size / max(1, len(draws)))
+        frac.append(ok.size / max(1, draws.size))
         if ok.size:
             a, m, c = np.exp(np.quantile(ok, [q, 0.5, 1 - q]))
         else:
@@ -153,4 +155,62 @@ def draws_curve(predict1: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
         lo.append(float(a))
         hi.append(float(c))
     return {"x": [float(x) for x in xs], "median": med, "lower": lo, "upper": hi,
-            "fraction_crossing": frac, "draws": len(draws), "level": level}
+            "fraction_crossing": frac, "draws": int(draws.size), "level": level}
+
+
+def first_crossings(loss1: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                    loss2: Callable[[np.ndarray, np.ndarray], np.ndarray], rows: np.ndarray,
+                    df_range: tuple[float, float], grid: int = 401) -> np.ndarray:
+    """The first crossing Df [K] of each of K draws (NaN: none in range, or the draw's laws
+    are not finite over it), vectorised.
+
+    loss(rows, u) gives losses [K, N] of draws `rows` at log Df u ([N] or [K, N]). The first
+    sign change of the difference on the grid is bisected to machine precision for all draws
+    at once. A draw that might dip across zero and back between grid points (a stationary point
+    before its first grid sign change, with a value there that two cells of slope and curvature
+    could take to zero) gets the bracketed scalar search of `crossings` instead.
+    """
+    rows = np.asarray(rows, int)
+    lo, hi = math.log(df_range[0]), math.log(df_range[1])
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(f"df_range must be two increasing positive sizes, got {df_range}")
+    out = np.full(rows.size, np.nan)
+    if rows.size == 0:
+        return out
+    u = np.linspace(lo, hi, grid)
+    with np.errstate(invalid="ignore", over="ignore"):
+        G = loss1(rows, u) - loss2(rows, u)                              # [K, U]
+    finite = np.all(np.isfinite(G), axis=1)
+    s = np.sign(G)
+    change = (s[:, :-1] * s[:, 1:] < 0) | (s[:, :-1] == 0)
+    has = change.any(axis=1) & finite
+    k = np.where(has, np.argmax(change, axis=1), grid - 1)
+    at_end = finite & ~has & (s[:, -1] == 0)
+    out[at_end] = df_range[1]
+    # Dips between grid points: interior stationary points (slope sign flips) before k.
+    d = np.diff(G, axis=1)
+    y0, y1, y2 = G[:, :-2], G[:, 1:-1], G[:, 2:]
+    # Near a stationary point the difference moves by about |y2 - y0| + |curvature| over two
+    # cells; a value closer to zero than that may hide two roots between grid points.
+    near = np.abs(y1) <= np.abs(y2 - y0) + 2 * np.abs(y2 - 2 * y1 + y0)
+    dip = (np.sign(d[:, :-1]) * np.sign(d[:, 1:]) < 0) & near
+    dip &= np.arange(grid - 2)[None, :] + 1 <= k[:, None]
+    exact = finite & dip.any(axis=1)
+    # Bisection of [u_k, u_k+1] for all regular draws at once.
+    reg = np.flatnonzero(has & ~exact)
+    if reg.size:
+        a, b = u[k[reg]], u[np.minimum(k[reg] + 1, grid - 1)]
+        ga = G[reg, k[reg]]
+        zero = ga == 0
+        for _ in range(60):
+            m = 0.5 * (a + b)
+            gm = (loss1(rows[reg], m[:, None]) - loss2(rows[reg], m[:, None]))[:, 0]
+            left = np.sign(gm) * np.sign(ga) <= 0
+            b = np.where(left, m, b)
+            a, ga = np.where(left, a, m), np.where(left, ga, gm)
+        out[reg] = np.exp(np.where(zero, u[k[reg]], 0.5 * (a + b)))
+    for i in np.flatnonzero(exact):
+        r = rows[i:i + 1]
+        cs = crossings(lambda v: loss1(r, v)[0], lambda v: loss2(r, v)[0], df_range, grid=grid)
+        out[i] = cs[0].df if cs else math.nan
+    return out

@@ -6,9 +6,12 @@ additive laws), reports held-out errors, fitted parameters (with bootstrap inter
 --bootstrap > 0) and critical finetuning sizes between methods, and writes into OUT:
 
   table.csv    the tidy table (OUT alone is enough to refit: --from=OUT)
-  fit.json     settings, fit configuration, parameters, intervals, errors, certificates
+  fit.json     settings, fit configuration, parameters, intervals (parameters, held-out errors,
+               predicted losses at held-out points and on a small grid, critical sizes),
+               errors, certificates
   summary.md   Tables 2 and 4 of the paper's layout, certificates, critical sizes
-  figures/     loss vs finetuning data per factor, residuals, critical sizes
+  figures/     loss vs finetuning data per factor (bootstrap bands when --bootstrap > 0),
+               residuals, critical sizes
 
 Other inputs: --table=CSV (a tidy table), --from=OUT (refit a previous OUT's table with its
 settings; flags given override them).
@@ -17,7 +20,6 @@ settings; flags given override them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
@@ -121,20 +123,43 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
                                                       progress=bootstrap.print_progress)
                     draws[key] = d
                     entry["bootstrap"] = d.summary(settings["level"])
+                    entry["bootstrap"]["predictions"] = _prediction_intervals(
+                        r, p, d, settings["level"])
                 out_results.append(entry)
                 if settings["plots"]:
                     stem = f"{task}_{method}_{law}".replace("/", "-")
-                    plots.factor_fits(r, p, str(out / "figures" / f"fits_{stem}.png"))
+                    band = None
+                    if key in draws:
+                        band = (lambda f, x, df, d=draws[key]:
+                                bootstrap.prediction_band(d, f, x, df, settings["level"]))
+                    plots.factor_fits(r, p, str(out / "figures" / f"fits_{stem}.png"), band)
                     plots.residuals(r, p, str(out / "figures" / f"residuals_{stem}.png"))
     crit = _critical(results, plans, draws, settings, out)
     curves = _curves(tab, settings, config, out)
     doc = {"settings": settings, "config": config.to_json(),
            "skipped": [{"path": p, "reason": r} for p, r in skipped],
            "results": out_results, "critical": crit, "curves": curves}
-    (out / "fit.json").write_text(json.dumps(fitting._jsonable(doc), indent=1))
+    (out / "fit.json").write_text(dumps(fitting._jsonable(doc)) + "\n")
     (out / "summary.md").write_text(_summary(results, draws, crit, curves, skipped, settings,
                                              config))
     return doc
+
+
+def dumps(obj: Any, indent: str = "") -> str:
+    """JSON with one line per flat object or list of scalars (a point, an interval, a band
+    row), nested structure indented: long per-point lists stay readable."""
+    def flat(v):
+        items = v.values() if isinstance(v, dict) else v
+        return all(not isinstance(i, (dict, list)) for i in items)
+
+    if not isinstance(obj, (dict, list)) or flat(obj):
+        return json.dumps(obj)
+    inner = indent + " "
+    if isinstance(obj, dict):
+        body = [f"{inner}{json.dumps(k)}: {dumps(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(body) + "\n" + indent + "}" if body else "{}"
+    body = [inner + dumps(v, inner) for v in obj]
+    return "[\n" + ",\n".join(body) + "\n" + indent + "]" if body else "[]"
 
 
 def _critical(results, plans, draws, settings, out) -> dict[str, Any]:
@@ -169,7 +194,8 @@ def _critical(results, plans, draws, settings, out) -> dict[str, Any]:
                     n = min(d1.n, d2.n)
                     both = np.flatnonzero(d1.certified[:n] & d2.certified[:n])
                     entry["bootstrap"] = critical.draws_curve(
-                        _draw_predictor(d1), _draw_predictor(d2), xs, (1.0, 1e12), both,
+                        bootstrap.predictor(d1, "model_size"),
+                        bootstrap.predictor(d2, "model_size"), xs, (1.0, 1e12), both,
                         settings["level"])
                     bands[name] = entry["bootstrap"]
                 curves[name] = c
@@ -180,16 +206,39 @@ def _critical(results, plans, draws, settings, out) -> dict[str, Any]:
     return crit
 
 
-def _draw_predictor(d: bootstrap.Draws):
-    law = d.extra["laws"]["model_size"]
-    theta = d.extra["theta[model_size]"]
-    shared = d.extra["shared"]
-
-    def predict(b, x, df):
-        lw = dataclasses.replace(law, fixed={**law.fixed, **{k: float(v[b])
-                                                             for k, v in shared.items()}})
-        return np.exp(lw.log_loss(theta[b], {"x": np.log(x), "df": np.log(df)}))
-    return predict
+def _prediction_intervals(r: procedures.ProcedureResult, p: procedures.Plan,
+                          d: bootstrap.Draws, level: float) -> dict[str, Any]:
+    """Per factor, bootstrap intervals of the predicted loss at every held-out configuration
+    (with its observed mean over seeds) and on a small grid: each X of the sweep at the
+    smallest and largest observed Df and at 4x the largest (an extrapolation)."""
+    out: dict[str, Any] = {}
+    y = p.table[p.target]
+    for f, ff in r.factors.items():
+        col = procedures.FACTORS[f]
+        held = p.held_rows[f]
+        rows = np.concatenate([p.fit_rows[f], held])
+        xs_all, dfs_all = p.table[col], p.table[FINETUNE_EXAMPLES]
+        pts = sorted({(float(xs_all[i]), float(dfs_all[i])) for i in held})
+        observed = [float(np.mean(y[held][(xs_all[held] == x) & (dfs_all[held] == df)]))
+                    for x, df in pts]
+        df_lo, df_hi = float(dfs_all[rows].min()), float(dfs_all[rows].max())
+        grid = [(float(x), df) for x in np.unique(xs_all[rows])
+                for df in (df_lo, df_hi, 4 * df_hi)]
+        entry = {}
+        for name, points in (("heldout", pts), ("grid", grid)):
+            if not points:
+                entry[name] = []
+                continue
+            x, df = (np.array(v) for v in zip(*points))
+            pred = ff.fit.predict({"x": x, "df": df})
+            lo, hi = bootstrap.prediction_band(d, f, x, df, level)
+            entry[name] = [{"x": x[i], "df": df[i], "predicted": pred[i], "lower": lo[i],
+                            "upper": hi[i]} for i in range(x.size)]
+            if name == "heldout":
+                for e, o in zip(entry[name], observed):
+                    e["observed"] = o
+        out[f] = entry
+    return out
 
 
 def _curves(tab, settings, config, out) -> list[dict[str, Any]]:

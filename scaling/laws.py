@@ -92,14 +92,17 @@ class Law:
         return np.array([i for i, p in enumerate(self.params) if not p.linear], int)
 
     def log_loss(self, theta: np.ndarray, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """log L for parameter rows theta [S, P] (or [P]) at log inputs [N] -> [S, N] (or [N])."""
+        """log L for parameter rows theta [S, P] (or [P]) at log inputs [N] -> [S, N] (or [N]).
+
+        Inputs may also be [S, N]: row s of the inputs goes with parameter row s.
+        """
         theta = np.asarray(theta)
         single = theta.ndim == 1
         theta2 = theta[None] if single else theta
         values = {p.name: theta2[:, i:i + 1] for i, p in enumerate(self.params)}
         values.update({k: np.asarray(v, float) for k, v in self.fixed.items()})
         out = self.fn(SimpleNamespace(**values), SimpleNamespace(**inputs))
-        out = np.broadcast_to(out, (theta2.shape[0], _num_points(inputs)))
+        out = np.broadcast_to(out, _out_shape(theta2.shape[0], inputs))
         return out[0] if single else out
 
     def with_fixed(self, **values: float) -> "Law":
@@ -130,8 +133,11 @@ class Law:
         return out
 
 
-def _num_points(inputs: Mapping[str, np.ndarray]) -> int:
-    return max(int(np.size(v)) for v in inputs.values())
+def _out_shape(rows: int, inputs: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+    shape = np.broadcast_shapes(*(np.shape(v) for v in inputs.values()))
+    if len(shape) <= 1:
+        return (rows, int(np.prod(shape)))
+    return np.broadcast_shapes((rows, 1), shape)
 
 
 _NATURAL = {"a": "A", "b": "B", "e": "E", "dl": "D_l"}

@@ -5,7 +5,7 @@ per X (the paper's Fig. 1), one panel per factor (Figs. 2-4), critical-size curv
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -25,8 +25,16 @@ def _label(factor: str, x: float) -> str:
     return f"{x / div:g}{suffix}"
 
 
-def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path: str) -> str:
-    """One panel per factor: observed losses (hollow = held out) and the fitted law per X."""
+Band = Callable[[str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path: str,
+                band: Band | None = None) -> str:
+    """One panel per factor: observed losses (hollow = held out) and the fitted law per X.
+
+    band(factor, x, df) -> (lower, upper) shades an interval of the predicted loss (e.g.
+    `bootstrap.prediction_band`) around each fitted curve.
+    """
     factors = list(result.factors)
     fig, axes = plt.subplots(1, len(factors), figsize=(4.6 * len(factors), 3.8), squeeze=False)
     tab, y = plan.table, plan.table[plan.target]
@@ -48,6 +56,9 @@ def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path:
                     color=color, ms=6)
             pred = result.factors[f].fit.predict({"x": np.full(grid.shape, x), "df": grid})
             ax.plot(grid, pred, "-", color=color, lw=1.2, label=_label(f, x))
+            if band is not None:
+                lo, hi = band(f, np.full(grid.shape, x), grid)
+                ax.fill_between(grid, lo, hi, color=color, alpha=0.25, lw=0)
         ax.set_xscale("log")
         ax.set_xlabel("finetuning examples")
         ax.set_ylabel(f"{plan.target} (nats/token)")
@@ -57,7 +68,8 @@ def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path:
         ax.legend(fontsize=7, title=procedures.FACTORS[f], title_fontsize=7)
     fig.suptitle(f"{result.task} {result.method}: {result.law} law "
                  f"({'certified' if result.certified else 'NOT certified'}); "
-                 "hollow = held out", fontsize=10)
+                 "hollow = held out" + ("; bands: bootstrap interval" if band else ""),
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

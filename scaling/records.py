@@ -36,8 +36,9 @@ class Collection:
         if not self.skipped:
             return f"collected {len(self.table)} finished finetuning run(s); skipped none"
         counts = Counter(reason.split(":")[0] for _, reason in self.skipped)
+        kinds = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
         lines = [f"collected {len(self.table)} finished finetuning run(s); skipped "
-                 f"{len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))]
+                 f"{len(self.skipped)}: " + kinds]
         lines += [f"  {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 

@@ -65,6 +65,29 @@ def test_closed_form_gamma_from_rounded_table4():
     assert critical.closed_form(m(prompt), m(lora))["gamma"] == pytest.approx(1.33, abs=5e-3)
 
 
+def _relative_width(draws, factor, x, df):
+    lo, hi = bootstrap.prediction_band(draws, factor, np.atleast_1d(x), np.atleast_1d(df))
+    return (hi - lo) / ((hi + lo) / 2)
+
+
+def test_prediction_band_holds_the_fit_and_widens_beyond_the_data(prompt_fit):
+    plan, result, draws = prompt_fit
+    tab = plan.table
+    for f, ff in result.factors.items():
+        col = procedures.FACTORS[f]
+        rows = plan.fit_rows[f]
+        x, df = tab[col][rows], tab["finetune_examples"][rows]
+        pred = ff.fit.predict({"x": x, "df": df})
+        lo, hi = bootstrap.prediction_band(draws, f, x, df)
+        assert np.all((lo <= pred) & (pred <= hi)), f
+        assert np.all(hi > lo), f
+        inside = _relative_width(draws, f, x, df).max()
+        # Beyond the largest finetuning set, and (model size) beyond the largest model.
+        assert _relative_width(draws, f, x.max(), 30 * df.max())[0] > inside, f
+        if f == "model_size":
+            assert _relative_width(draws, f, 16 * x.max(), df.max())[0] > inside
+
+
 def _coverage(n_datasets, n_draws, level):
     law = laws.get("multiplicative")
     truth = dict(a=np.log(1.2e5), alpha=0.52, beta=0.15, e=np.log(0.75))

@@ -98,6 +98,20 @@ def test_cli_bootstrap_and_curve_laws_write_intervals(study, tmp_path):
     assert boot["draws"] == 30 and boot["seed"] == 0
     lo, hi = boot["intervals"]["beta"]
     assert lo <= doc["results"][0]["parameters"]["beta"] <= hi
+    # Predicted losses at the held-out runs (largest model, largest set) get intervals.
+    pred = boot["predictions"]["model_size"]
+    held = {(p["x"], p["df"]) for p in pred["heldout"]}
+    sweep = study[1]
+    assert (sweep["model_params"].max(), sweep["finetune_examples"].max()) in held
+    for p in pred["heldout"] + pred["grid"]:
+        assert p["lower"] <= p["predicted"] <= p["upper"]
+    assert all(np.isfinite(p["observed"]) for p in pred["heldout"])
+    # On the grid, 4x the largest set (extrapolated) is less certain than the largest set.
+    width = {(p["x"], p["df"]): (p["upper"] - p["lower"]) / p["predicted"]
+             for p in pred["grid"]}
+    top = sweep["finetune_examples"].max()
+    for x in np.unique(sweep["model_params"]):
+        assert width[(x, 4 * top)] > width[(x, top)]
     assert doc["curves"] and "single" in doc["curves"][0]
     assert len(doc["curves"]) == len(set(zip(study[1]["model_params"],
                                              study[1]["pretrain_tokens"])))  # one per curve
