@@ -75,3 +75,21 @@ def test_host_batch_becomes_a_global_array_split_over_data_axes():
     np.testing.assert_array_equal(np.asarray(out["tokens"]), batch["tokens"])
     assert out["tokens"].addressable_shards[0].data.shape == (2, 3)
     assert partitioning.data_parallel_size(mesh, partitioning.DEFAULT_RULES) == 8
+
+
+def test_the_models_parameters_are_sharded_as_the_default_rules_say():
+    from ul2_lm import model_sizes
+    from ul2_lm.model import Transformer
+
+    cfg = model_sizes.resolve({"size": "tiny", "num_heads": 4, "scan_layers": True})
+    mesh = partitioning.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    model = partitioning.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh,
+                                        partitioning.DEFAULT_RULES)
+    layer = model.layers
+    # vocab -> tensor, embed -> fsdp; the scanned 'layers' axis is never split.
+    assert model.embedding.get_value().sharding.spec == P("tensor", "fsdp")
+    assert layer.mlp.up_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
+    assert layer.mlp.down_proj.kernel.get_value().sharding.spec == P(None, "tensor", "fsdp")
+    assert layer.attention.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor", None)
+    # One K/V head (multi-query attention) is replicated over 'tensor'.
+    assert layer.attention.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None, None)
