@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         num_eval_batches=4,
         prefetch_batches=2,
+        # Finetuning tasks (ul2_lm/data/finetune_tasks.py): a seeded, nested subset of examples.
+        finetune=dict(num_examples=None, subset_seed=None, translation_prompt=None,
+                      mode_token="[S2S]", files=None, splits=None),
     )
     c.train = dict(
         num_steps=200,
@@ -127,6 +130,11 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "data.tfds.name": (str,),
     "data.tfds.data_dir": (str,),
     "data.tfds.splits": (dict, ml_collections.ConfigDict, str),
+    "data.finetune.num_examples": (int,),
+    "data.finetune.subset_seed": (int,),
+    "data.finetune.translation_prompt": (str,),
+    "data.finetune.files": (str, dict, ml_collections.ConfigDict),
+    "data.finetune.splits": (dict, ml_collections.ConfigDict),
     "optim.decay_steps": (int,),
     "optim.global_norm_clip": (float, int),
     "optim.weight_decay": (float, int),
@@ -146,7 +154,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 
 
 # Values that are dicts of the user's own keys, checked by their consumers.
-FREEFORM = {"data.ul2.rates", "data.tfds.splits"}
+FREEFORM = {"data.ul2.rates", "data.tfds.splits", "data.finetune.files", "data.finetune.splits"}
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from ul2_lm.data import finetune_tasks
 from ul2_lm.data import tasks
 from ul2_lm.data import tf_setup
 
@@ -45,7 +46,7 @@ _get = tasks._get  # pylint: disable=protected-access
 
 def describe_data_config_errors(data_config) -> list[str]:
     """Everything wrong with config.data that would stop the data being built (one line each)."""
-    return tasks.describe_errors(data_config)
+    return tasks.describe_errors(data_config) + finetune_tasks.describe_errors(data_config)
 
 
 def validate_data_config(data_config) -> None:
@@ -57,7 +58,33 @@ def validate_data_config(data_config) -> None:
 
 def vocabulary(data_config):
     """The seqio vocabulary of config.data (its vocab_size is the model's vocab size)."""
+    if finetune_tasks.is_finetune_task(_get(data_config, "task")):
+        return finetune_tasks.vocabulary(data_config)
     return tasks.vocabulary(data_config)
+
+
+def _example_maker(data_config, task, split, *, vocab, seq_len, seed, shard_index, num_shards,
+                   repeat):
+    """(make_examples(start), settings for the fingerprint) of a pretraining or finetuning task."""
+    if finetune_tasks.is_finetune_task(task):
+        src = finetune_tasks.source(data_config, task)
+        settings = dict(num_examples=finetune_tasks.num_examples(data_config),
+                        subset_seed=finetune_tasks.subset_seed(data_config),
+                        mode_token=finetune_tasks.mode_token(data_config))
+
+        def make_examples(first):
+            return finetune_tasks.examples(src, split, vocabulary=vocab, seq_len=seq_len, seed=seed,
+                                           shard_index=shard_index, num_shards=num_shards,
+                                           start=first, repeat=repeat, **settings)
+        return make_examples, dict(settings, source=repr(src))
+    src = tasks.source(data_config, task)
+    mixture = tasks.mixture(data_config)
+
+    def make_examples(first):  # noqa: F811
+        return tasks.examples(src, split, vocabulary=vocab, mixture=mixture, seq_len=seq_len,
+                              seed=seed, shard_index=shard_index, num_shards=num_shards,
+                              start=first, repeat=repeat)
+    return make_examples, dict(source=repr(src), mixture=mixture)
 
 
 @dataclasses.dataclass
@@ -217,11 +244,12 @@ def make_train_iterator(data_config, *, global_batch_size: int, seq_len: int | N
     seed = int(seed if seed is not None else _get(data_config, "seed", 0))
     pack = bool(_get(data_config, "pack", True))
     local_batch = _local_batch(global_batch_size, num_shards)
-    src = tasks.source(data_config)
-    vocab = tasks.vocabulary(data_config)
-    mixture = tasks.mixture(data_config)
-    fingerprint = _fingerprint(task=_get(data_config, "task"), source=repr(src),
-                               vocab=vocab.sentencepiece_model_file, mixture=mixture,
+    vocab = vocabulary(data_config)
+    make_examples, settings = _example_maker(
+        data_config, _get(data_config, "task", "ul2_embedded_ende"), "train", vocab=vocab,
+        seq_len=seq_len, seed=seed, shard_index=shard_index, num_shards=num_shards, repeat=True)
+    fingerprint = _fingerprint(task=_get(data_config, "task"), **settings,
+                               vocab=vocab.sentencepiece_model_file,
                                seq_len=seq_len, seed=seed, pack=pack, local_batch=local_batch,
                                shard_index=shard_index, num_shards=num_shards)
     if state is not None:
@@ -233,11 +261,6 @@ def make_train_iterator(data_config, *, global_batch_size: int, seq_len: int | N
     start = tuple(state["start"]) if state else (0, 0)
     skip_rows = int(state["rows"]) if state else 0
     batches_done = int(state["batches"]) if state else 0
-
-    def make_examples(first):
-        return tasks.examples(src, "train", vocabulary=vocab, mixture=mixture, seq_len=seq_len,
-                              seed=seed, shard_index=shard_index, num_shards=num_shards,
-                              start=first, repeat=True)
 
     def produce():
         rows = _packed_rows(make_examples, start, seq_len, pack)
@@ -274,14 +297,10 @@ def make_eval_iterator(data_config, *, global_batch_size: int, seq_len: int | No
     task = task or _get(data_config, "eval_task") or _get(data_config, "task")
     split = split or _get(data_config, "eval_split", "validation")
     num_batches = num_batches if num_batches is not None else _get(data_config, "num_eval_batches")
-    src = tasks.source(data_config, task)
-    vocab = tasks.vocabulary(data_config)
-    mixture = tasks.mixture(data_config)
-
-    def make_examples(first):
-        return tasks.examples(src, split, vocabulary=vocab, mixture=mixture, seq_len=seq_len,
-                              seed=EVAL_SEED, shard_index=shard_index, num_shards=num_shards,
-                              start=first, repeat=False)
+    vocab = vocabulary(data_config)
+    make_examples, _ = _example_maker(data_config, task, split, vocab=vocab, seq_len=seq_len,
+                                      seed=EVAL_SEED, shard_index=shard_index,
+                                      num_shards=num_shards, repeat=False)
 
     def produce():
         rows = _packed_rows(make_examples, (0, 0), seq_len, pack)

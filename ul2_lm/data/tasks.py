@@ -292,11 +292,14 @@ def get_dataset(data_config, *, split: str = "train", seq_len: int | None = None
 
 def describe_errors(data_config) -> list[str]:
     """Problems with config.data that would stop the data from being built, each naming its key."""
+    from ul2_lm.data import finetune_tasks  # pylint: disable=g-import-not-at-top  (it imports us)
+
     errors = []
+    known = sorted(TASKS) + sorted(finetune_tasks.FINETUNE_TASKS)
     for key in ("task", "eval_task"):
         name = _get(data_config, key)
-        if name is not None and name not in TASKS:
-            errors.append(f"config.data.{key}={name!r} is not one of {sorted(TASKS)}")
+        if name is not None and name not in known:
+            errors.append(f"config.data.{key}={name!r} is not one of {known}")
     for key in ("task", "eval_task"):
         name = _get(data_config, key)
         if name in TASKS:
