@@ -1,6 +1,10 @@
 """The Transformer's contract: masking, packing, decoding, layouts and numerics."""
 
 import dataclasses
+import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +137,7 @@ def test_cached_decoding_under_jit_with_left_padded_prompts(model):
         steps.append(step(model, x[:, t:t + 1]))
     logits = jnp.concatenate(steps, axis=1)
     close(logits[:1, 2:], alone)
-    close(logits[1:], model_without_cache(model)(x[1:]))
+    close(logits[1:], run(model_without_cache(model), x[1:]))
     model.clear_cache()
     assert not nnx.state(model, nnx.Cache)
 
@@ -169,8 +173,10 @@ def test_scanned_and_per_layer_layouts_initialise_alike_and_give_the_same_logits
     close(run(moved, x), run(other, x))
 
 
-def loss_and_grads(cfg, x):
+@functools.cache
+def loss_and_grads(cfg):
     graphdef, params = nnx.split(build(cfg))
+    x = tokens()
 
     def loss(p):
         logits = nnx.merge(graphdef, p)(x)
@@ -180,18 +186,16 @@ def loss_and_grads(cfg, x):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan,policies", [
-    (True, sorted(set(model_lib.REMAT_POLICIES) - {"none"})),
-    (False, ["full"]),
-], ids=["scanned", "unscanned"])
-def test_remat_policies_give_the_same_loss_and_gradients(scan, policies):
-    x = tokens()
-    base_loss, base_grads = loss_and_grads(dataclasses.replace(CFG, scan_layers=scan), x)
-    for policy in policies:
-        loss, grads = loss_and_grads(
-            dataclasses.replace(CFG, scan_layers=scan, remat_policy=policy), x)
-        close(loss, base_loss)
-        jax.tree.map(lambda a, b: close(a, b), grads, base_grads)
+REMAT_CASES = [(True, p) for p in sorted(set(model_lib.REMAT_POLICIES) - {"none"})] + [(False, "full")]
+
+
+@pytest.mark.parametrize("scan,policy", REMAT_CASES,
+                         ids=[f"{'scanned' if s else 'unscanned'}-{p}" for s, p in REMAT_CASES])
+def test_remat_policies_give_the_same_loss_and_gradients(scan, policy):
+    base_loss, base_grads = loss_and_grads(dataclasses.replace(CFG, scan_layers=scan))
+    loss, grads = loss_and_grads(dataclasses.replace(CFG, scan_layers=scan, remat_policy=policy))
+    close(loss, base_loss)
+    jax.tree.map(close, grads, base_grads)
 
 
 def test_bfloat16_compute_is_close_to_float32(model):
@@ -245,6 +249,34 @@ def test_logits_soft_cap_bounds_the_logits():
     assert np.abs(np.asarray(run(capped, tokens()))).max() <= 0.5
 
 
+def reference_attention(q, k, v, mask):
+    """Textbook softmax attention with each K/V head repeated for its group of query heads."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.where(mask[:, None], jnp.einsum("blnh,bsnh->bnls", q, k), -jnp.inf)
+    sees_something = mask[:, None].any(-1, keepdims=True)
+    probs = jnp.where(sees_something, jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("bnls,bsnh->blnh", probs, v)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_grouped_attention_and_its_gradient_equal_textbook_attention(num_kv_heads):
+    keys = jax.random.split(jax.random.key(num_kv_heads), 4)
+    q = jax.random.normal(keys[0], (2, 6, 4, 8))
+    k, v = (jax.random.normal(key, (2, 6, num_kv_heads, 8)) for key in keys[1:3])
+    # Random visibility, and one query (row 0, position 2) that sees nothing, like padding.
+    mask = jax.random.bernoulli(keys[3], 0.6, (2, 6, 6)).at[0, 2].set(False)
+    out = jax.jit(model_lib.dot_product_attention)(q, k, v, mask)
+    close(out, jax.jit(reference_attention)(q, k, v, mask))
+    assert not np.asarray(out[0, 2]).any()
+
+    def grads(fn):
+        loss = lambda *a: jnp.sum(jnp.sin(fn(*a, mask)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    jax.tree.map(close, grads(model_lib.dot_product_attention), grads(reference_attention))
+
+
 def test_attention_mask_follows_t5x_make_decoder_mask():
     segments = jnp.array([[1, 1, 1, 2, 2, 0]])
     causal = jnp.array([[1, 1, 0, 1, 0, 0]])
@@ -271,3 +303,16 @@ def test_bad_config_names_the_field(field, value):
 def test_sequences_longer_than_max_seq_len_are_rejected(model):
     with pytest.raises(ValueError, match="max_seq_len"):
         run(model, tokens(shape=(1, CFG.max_seq_len + 1)))
+
+
+def test_model_flops_sizes_and_benchmark_load_without_tensorflow_or_seqio():
+    # The accelerator hosts have no TensorFlow: these modules must not need it at import time.
+    code = (
+        "import importlib.util, sys\n"
+        "import ul2_lm.model, ul2_lm.model_sizes, ul2_lm.flops\n"
+        "spec = importlib.util.spec_from_file_location('bench', 'benchmarks/train_throughput.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio'))\n"
+        "assert not loaded, loaded\n")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
