@@ -13,9 +13,6 @@ on both alike; figures are medians.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ul2_lm import decoding, model as model_lib, model_sizes
+from ul2_lm import benchmark_rows, decoding, model as model_lib, model_sizes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,18 +83,11 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def machine() -> str:
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-    return f"{jax.local_device_count()} x {device.device_kind}"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     r = run(args)
     print(f"size={r['size']} params={r['params']:,} batch={r['batch']} "
-          f"prompt_len={r['prompt_len']} new_tokens={r['new_tokens']} on {machine()}:")
+          f"prompt_len={r['prompt_len']} new_tokens={r['new_tokens']} on {benchmark_rows.machine()}:")
     for name in ("cached", "uncached"):
         low, high = r[f"{name}_range_s"]
         print(f"  {name:8s} {r[f'{name}_s'] * 1e3:8.1f} ms median ({low * 1e3:.1f}-"
@@ -106,14 +96,10 @@ def main(argv=None) -> None:
     print(f"  speedup (uncached / cached): {r['speedup']:.1f}x")
     if args.results_md:
         flags = sys.argv[1:] if argv is None else argv
-        command = "python benchmarks/decode_speed.py " + " ".join(flags)
-        row = (f"| {datetime.date.today().isoformat()} | {machine()} | `{command}` | "
-               f"{r['params'] / 1e6:.1f}M | {r['cached_s'] * 1e3:.0f} | "
-               f"{r['uncached_s'] * 1e3:.0f} | "
-               f"{r['cached_tokens_per_s']:,.0f} | {r['uncached_tokens_per_s']:,.0f} | "
-               f"{r['speedup']:.1f}x |\n")
-        with open(args.results_md, "a") as f:
-            f.write(row)
+        benchmark_rows.append_row(args.results_md, "decode_speed.py", flags, [
+            f"{r['params'] / 1e6:.1f}M", f"{r['cached_s'] * 1e3:.0f}", f"{r['uncached_s'] * 1e3:.0f}",
+            f"{r['cached_tokens_per_s']:,.0f}", f"{r['uncached_tokens_per_s']:,.0f}",
+            f"{r['speedup']:.1f}x"])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ steps, so that a busy shared machine slows both alike. Figures are medians over 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ul2_lm import flops, hardware, model as model_lib, model_sizes
+from ul2_lm import benchmark_rows, flops, hardware, model as model_lib, model_sizes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,13 +146,6 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def machine() -> str:
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-    return f"{jax.local_device_count()} x {device.device_kind}"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -168,15 +159,12 @@ def main(argv=None) -> None:
           f"{r['peak_tflops_per_s'] * 1e3:.1f} GFLOP/s ({r['peak_source']}); "
           f"compile {r['compile_s']:.1f} s; {load}")
     if args.results_md:
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--results_md")]
-        command = "python benchmarks/train_throughput.py " + " ".join(flags)
-        row = (f"| {datetime.date.today().isoformat()} | {machine()} | `{command}` | "
-               f"{r['params'] / 1e6:.1f}M | {r['dtype']} | {r['scan_layers']} | {r['remat_policy']} | "
-               f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | "
-               f"{r['model_tflops_per_s'] * 1e3:.1f} | {r['peak_tflops_per_s'] * 1e3:.1f} | "
-               f"{r['mfu']:.1%} | {load} |\n")
-        with open(args.results_md, "a") as f:
-            f.write(row)
+        flags = sys.argv[1:] if argv is None else argv
+        benchmark_rows.append_row(args.results_md, "train_throughput.py", flags, [
+            f"{r['params'] / 1e6:.1f}M", r["dtype"], str(r["scan_layers"]), r["remat_policy"],
+            f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:,.0f}",
+            f"{r['model_tflops_per_s'] * 1e3:.1f}", f"{r['peak_tflops_per_s'] * 1e3:.1f}",
+            f"{r['mfu']:.1%}", load])
 
 
 if __name__ == "__main__":
