@@ -252,3 +252,20 @@ def test_a_checkpoint_of_another_model_shape_is_refused_and_left_intact(finished
     assert str(workdir / "checkpoints") in str(info.value)
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_the_trainer_runs_where_tensorflow_and_seqio_are_missing(tmp_path):
+    # Accelerator hosts may have neither: blocked imports raise ImportError, as if uninstalled.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["tensorflow"] = None
+        sys.modules["seqio"] = None
+        from ul2_lm import decoding, plan, train
+        from tests.ul2_lm.test_train import small_run_config
+        record = train.run(small_run_config(num_steps=2), sys.argv[1])
+        assert record["status"] == "finished", record
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
