@@ -139,11 +139,6 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def logical_specs(state: Any) -> Any:
-    """The logical names of every leaf of an nnx.State (None where a variable has none)."""
-    return jax.tree.map(_logical_names, state, is_leaf=_is_leaf)
-
-
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for an (abstract) nnx.State or pytree, from its logical axis metadata.
 
@@ -176,11 +171,6 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def active_mesh() -> Mesh | None:
-    active = _ACTIVE.get()
-    return active[0] if active else None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -67,7 +67,7 @@ def plan(config, *, compile_step: bool = True) -> MemoryPlan:
     import numpy as np
     from flax import nnx
 
-    from ul2_lm import config as config_lib, model as model_lib, model_sizes, optim, partitioning
+    from ul2_lm import config as config_lib, model as model_lib, model_sizes, partitioning
     from ul2_lm import steps, train_state
 
     config_lib.validate(config, num_devices=jax.device_count())

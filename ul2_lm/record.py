@@ -89,11 +89,19 @@ def read(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
+def update_best(record: dict[str, Any], split: str = "dev", metric: str = "loss") -> None:
+    """Sets record['best'] to the evaluation of `split` with the lowest `metric` so far."""
+    evals = [e for e in record["eval_history"]
+             if e["split"] == split and e.get(metric) is not None and math.isfinite(e[metric])]
+    best = min(evals, key=lambda e: e[metric], default=None)
+    record["best"] = None if best is None else {
+        "step": best["step"], "metric": f"{split}_{metric}", "value": best[metric]}
+
+
 def truncate_to_step(record: dict[str, Any], step: int) -> dict[str, Any]:
     """Drops measurements taken after `step` (they are repeated after resuming from it)."""
     record["eval_history"] = [e for e in record["eval_history"] if e["step"] <= step]
-    if record.get("best") and record["best"]["step"] > step:
-        record["best"] = None
+    update_best(record)
     record["steps"] = min(record.get("steps", 0), step)
     record["status"] = "running"
     record["failure_reason"] = None

@@ -121,7 +121,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     layout = train_state.make_layout(make_model, tx, mesh, rules)
     ckpt = checkpointing.CheckpointManager(workdir / "checkpoints", config.checkpoint)
-    config_fingerprint = config_lib.to_dict(config.model)
 
     counts = model_sizes.count_params(model_config)
     record = record_lib.read(workdir)
@@ -170,8 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     def save(step: int, metrics: dict[str, float] | None) -> None:
         ckpt.save(step, state, metrics=metrics,
-                  metadata={"data_state": all_hosts(batches.state()),
-                            "config_model": config_fingerprint})
+                  metadata={"data_state": all_hosts(batches.state())})
 
     def check_finite(step: int, finite) -> None:
         try:
@@ -226,6 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                          last_eval["perplexity"])
                 record["eval_history"].append({"step": step, "tokens_seen": step * tokens_per_step,
                                                "split": "dev", **last_eval})
+                record_lib.update_best(record)
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint.every_steps == 0 or step == num_steps:
                 check_finite(*pending)

@@ -100,9 +100,7 @@ def create(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformatio
         return jax.jit(init, out_shardings=(layout.state_shardings, layout.frozen_shardings))()
 
 
+
 def count(tree) -> int:
+    """Number of array elements in a pytree (e.g. optimiser state entries)."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-
-def nbytes(tree) -> int:
-    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

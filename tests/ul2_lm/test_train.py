@@ -81,6 +81,8 @@ def test_a_run_leaves_checkpoints_summaries_and_a_record(finished_run):
         model_sizes.resolve(config.model))["total"]
     assert [e["step"] for e in on_disk["eval_history"]] == [3, 6]
     assert all(np.isfinite(e["loss"]) for e in on_disk["eval_history"])
+    best = min(on_disk["eval_history"], key=lambda e: e["loss"])
+    assert on_disk["best"] == {"step": best["step"], "metric": "dev_loss", "value": best["loss"]}
     assert on_disk["config"]["train"]["num_steps"] == 6
     assert any((workdir / "tensorboard").iterdir())
     assert (workdir / "checkpoints" / "6").is_dir()
@@ -146,6 +148,7 @@ def test_resume_after_sigkill_during_a_save_is_bitwise_exact(tmp_path, kill_afte
     assert steps_seen == [3, 6]
     for old in before["eval_history"]:
         assert old in after["eval_history"]
+    assert after["best"]["step"] in steps_seen
 
 
 def poison_step_3(monkeypatch):
