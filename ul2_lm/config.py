@@ -108,6 +108,33 @@ def default_config() -> ml_collections.ConfigDict:
         axes=(("data", -1), ("fsdp", 1), ("tensor", 1)),
         rules=partitioning.DEFAULT_RULES,
     )
+    # Finetuning (ul2_lm/finetune.py). method None: pretraining from scratch.
+    c.finetune = dict(
+        method=None,  # 'fmt' | 'lora' | 'prompt'
+        base_workdir=None,  # the pretraining run's --workdir: its checkpoints/ and record.json
+        base_step=None,  # None: the base run's newest checkpoint
+        num_epochs=None,  # stop after this many epochs over the finetuning data, or at
+        # train.num_steps, whichever comes first (needs data.pack=False)
+        lora=dict(rank=4, alpha=None, targets=None, dropout_rate=0.0, use_rslora=False),
+        prompt=dict(length=100, init="vocab", top_k=5000, init_text=None),
+        # Optimiser settings of the method's new parameters (LoRA A/B, the prompt); parameter
+        # scaling is always off for them.
+        optim=dict(peak_learning_rate=None, final_learning_rate=None),
+    )
+    # What a finetuning run measures at the end, on its best checkpoint (ul2_lm/evaluate.py).
+    c.evaluation = dict(
+        splits=("validation", "test"),  # token-level loss and perplexity
+        generate_split="test",
+        num_generate_examples=64,  # None: the whole split; 0: no generation
+        max_new_tokens=64,
+        decode_batch_size=16,
+        beam_size=1,  # 1: greedy only (the paper's); > 1 adds beam-search metrics
+        length_alpha=0.6,
+        task_kind=None,  # 'translation' | 'summarization'; None: the task's own
+        bleurt_checkpoint=None,
+        zero_shot_tasks=(),  # e.g. ('ft_embedded_xsc_xde',): the finetuned model on other tasks
+        few_shot=(),  # e.g. (1, 3): k-shot prompting of the base and the finetuned model
+    )
     return c
 
 
@@ -135,6 +162,18 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "data.finetune.translation_prompt": (str,),
     "data.finetune.files": (str, dict, ml_collections.ConfigDict),
     "data.finetune.splits": (dict, ml_collections.ConfigDict),
+    "finetune.method": (str,),
+    "finetune.base_workdir": (str,),
+    "finetune.base_step": (int,),
+    "finetune.num_epochs": (float, int),
+    "finetune.lora.alpha": (float, int),
+    "finetune.lora.targets": (str, list, tuple),
+    "finetune.prompt.init_text": (str,),
+    "finetune.optim.peak_learning_rate": (float, int),
+    "finetune.optim.final_learning_rate": (float, int),
+    "evaluation.num_generate_examples": (int,),
+    "evaluation.task_kind": (str,),
+    "evaluation.bleurt_checkpoint": (str,),
     "optim.decay_steps": (int,),
     "optim.global_norm_clip": (float, int),
     "optim.weight_decay": (float, int),
@@ -150,6 +189,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.name": ("adafactor",),
     "optim.schedule": ("cosine", "constant", "rsqrt"),
     "checkpoint.best_mode": ("min", "max"),
+    "finetune.method": ("fmt", "lora", "prompt", None),
+    "finetune.prompt.init": ("vocab", "uniform", "text"),
+    "evaluation.task_kind": ("translation", "summarization", None),
 }
 
 
@@ -242,13 +284,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                 "checkpoint.keep_best", "train.z_loss", "data.prefetch_batches",
                 "optim.weight_decay", "data.vocab.extra_ids"):
         _positive(config, key, allow_zero=True)
+    for key in ("evaluation.max_new_tokens",
+                "evaluation.decode_batch_size", "evaluation.beam_size", "finetune.num_epochs",
+                "finetune.lora.rank", "finetune.prompt.length", "finetune.prompt.top_k",
+                "finetune.optim.peak_learning_rate"):
+        _positive(config, key)
+    for key in ("evaluation.length_alpha", "evaluation.num_generate_examples", "finetune.base_step", "finetune.optim.final_learning_rate"):
+        _positive(config, key, allow_zero=True)
+    for i, shots in enumerate(config.evaluation.few_shot):
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+            raise ConfigError("evaluation.few_shot", f"entry {i} is {shots!r}; expected a number "
+                              "of demonstrations >= 0")
+    if config.finetune.method is not None and not config.finetune.base_workdir:
+        raise ConfigError("finetune.base_workdir",
+                          f"finetuning (method {config.finetune.method!r}) starts from a "
+                          "pretrained run: set it to that run's --workdir (produce one with "
+                          f"python -m ul2_lm.train --config=configs/{config.model.size}_ul2.py "
+                          "--workdir=DIR)")
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ConfigError("model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate!r}")
     if config.optim.final_learning_rate > config.optim.peak_learning_rate:
         raise ConfigError("optim.final_learning_rate",
                           f"{config.optim.final_learning_rate} exceeds optim.peak_learning_rate "
                           f"{config.optim.peak_learning_rate}")
-    if config.optim.warmup_steps > config.train.num_steps:
+    if config.optim.warmup_steps > config.train.num_steps and config.finetune.num_epochs is None:
         raise ConfigError("optim.warmup_steps",
                           f"{config.optim.warmup_steps} exceeds train.num_steps {config.train.num_steps}")
     if config.train.global_batch_size % config.train.num_microbatches:
@@ -355,4 +414,60 @@ def paper_pretraining(size: str = "1b") -> ml_collections.ConfigDict:
     c.checkpoint.keep_last = 3
     # Paper-scale runs shard weights over the whole slice (FSDP) and split the batch likewise.
     c.mesh.axes = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    return c
+
+
+# --- The paper's finetuning setup (Section 3 of reference/paper.md) --------------------------
+
+# Peak learning rate and batch size (examples) per method.
+PAPER_FINETUNE = {"fmt": (1e-3, 128), "lora": (1e-2, 16), "prompt": (0.3, 16)}
+PAPER_FINETUNE_STEPS = 200_000  # or 100 epochs, whichever comes first
+PAPER_FINETUNE_EPOCHS = 100
+PAPER_FINETUNE_SEQ_LEN = 512  # open in the paper: WMT pairs and prompted MLSum articles fit
+
+
+def finetuning(method: str, c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """`c` (default: `default_config()`) set up to finetune with `method` as the paper does:
+    peak learning rate and batch size per method, prompt length 100, LoRA rank 4, Adafactor
+    with cosine decay, unpacked examples, evaluation every 1/20 of the budget."""
+    if method not in PAPER_FINETUNE:
+        raise ValueError(f"method {method!r} is not one of {sorted(PAPER_FINETUNE)}")
+    c = c or default_config()
+    learning_rate, batch = PAPER_FINETUNE[method]
+    c.finetune.method = method
+    c.finetune.lora.rank = 4
+    c.finetune.prompt.length = 100
+    c.data.pack = False
+    c.train.global_batch_size = batch
+    c.optim.name = "adafactor"
+    c.optim.schedule = "cosine"
+    c.optim.peak_learning_rate = learning_rate
+    c.optim.final_learning_rate = learning_rate / 10
+    return c
+
+
+def paper_finetuning(method: str, size: str = "1b",
+                     task: str = "ft_wmt14_ende") -> ml_collections.ConfigDict:
+    """Finetuning one of the paper's models (pretrained by `paper_pretraining(size)` into
+    runs/{size}_ul2) on `task` with `method`."""
+    c = finetuning(method, paper_pretraining(size))
+    c.finetune.base_workdir = f"runs/{size}_ul2"
+    c.finetune.num_epochs = PAPER_FINETUNE_EPOCHS
+    c.data.task = task
+    c.data.seq_len = PAPER_FINETUNE_SEQ_LEN
+    # The base run leaves its vocabulary next to its checkpoints.
+    c.data.vocab.kind = "sentencepiece_file"
+    c.data.vocab.path = f"runs/{size}_ul2/vocab.model"
+    c.data.finetune.num_examples = 100_000 if method != "fmt" else 1_000_000
+    c.train.num_steps = PAPER_FINETUNE_STEPS
+    c.train.num_microbatches = 1
+    c.train.z_loss = 0.0
+    c.train.eval_every_steps = 2_000
+    c.optim.warmup_steps = 1_000  # open in the paper
+    c.checkpoint.every_steps = 2_000
+    c.checkpoint.keep_last = 1
+    c.checkpoint.keep_best = 1
+    c.evaluation.num_generate_examples = None  # the whole test set
+    c.evaluation.max_new_tokens = 256
+    c.evaluation.decode_batch_size = 64
     return c

@@ -22,7 +22,7 @@ TRANSLATION, SUMMARIZATION = "translation", "summarization"
 TASK_KINDS = (TRANSLATION, SUMMARIZATION)
 
 BLEURT_HELP = ("BLEURT needs `pip install git+https://github.com/google-research/bleurt` and a "
-               "checkpoint: config.eval.bleurt_checkpoint")
+               "checkpoint: config.evaluation.bleurt_checkpoint")
 
 # Han and kana carry no spaces between words: ROUGE and BLEU count them one character at a time.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -134,7 +134,7 @@ def bleurt(predictions: Sequence[str], references: Sequence[str],
     if not checkpoint:
         raise BleurtUnavailable(f"{BLEURT_HELP} (no checkpoint given)")
     if "://" not in checkpoint and not os.path.isdir(checkpoint):
-        raise BleurtUnavailable(f"{BLEURT_HELP} (config.eval.bleurt_checkpoint={checkpoint!r} "
+        raise BleurtUnavailable(f"{BLEURT_HELP} (config.evaluation.bleurt_checkpoint={checkpoint!r} "
                                 "is not a directory)")
     scores = _bleurt_scorer(checkpoint).score(references=references, candidates=predictions)
     return float(np.mean(scores))

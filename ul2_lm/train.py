@@ -9,8 +9,10 @@ Any config value can be overridden: `--config.train.num_steps=200`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from flax import nnx
 from ml_collections import config_flags
 
-from ul2_lm import (checkpointing, config as config_lib, flops, hardware, logging_utils,
-                   model as model_lib, model_sizes, optim, partitioning, record as record_lib,
-                   steps, train_state)
+import petuning
+from ul2_lm import (checkpointing, config as config_lib, evaluate as evaluate_lib,
+                   finetune as finetune_lib, flops, hardware, logging_utils, model as model_lib,
+                   model_sizes, optim, partitioning, record as record_lib, steps, train_state)
 
 log = logging_utils.log
 
@@ -41,20 +45,6 @@ def train_batches(config: ml_collections.ConfigDict, state: dict | None = None):
     from ul2_lm.data import pipeline  # seqio and TensorFlow load here, not at import.
 
     return pipeline.make_train_iterator(config.data, **kwargs)
-
-
-def eval_batches(config: ml_collections.ConfigDict, split: str):
-    """This host's part of the fixed evaluation batches of `split`."""
-    kwargs = dict(global_batch_size=config.train.global_batch_size,
-                  shard_index=jax.process_index(), num_shards=jax.process_count(),
-                  num_batches=config.data.num_eval_batches)
-    if config.data.task == "synthetic":
-        from ul2_lm import synthetic
-
-        return synthetic.Batches(config, split=split, **kwargs)
-    from ul2_lm.data import pipeline
-
-    return pipeline.make_eval_iterator(config.data, split=split, **kwargs)
 
 
 def all_hosts(value: Any) -> list[Any]:
@@ -87,69 +77,132 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
     pipeline.validate_data_config(config.data)
 
 
-def evaluate(eval_step, params, frozen, config, mesh, rules, *, split: str) -> dict[str, float]:
-    """Token-level loss and perplexity over the config's evaluation batches of `split`."""
-    nll, weight = 0.0, 0.0
-    for host_batch in eval_batches(config, split):
-        batch = partitioning.host_batch_to_global(host_batch, mesh, rules,
-                                                  config.train.global_batch_size)
-        out = eval_step(params, frozen, batch)
-        nll += float(out["nll_sum"])
-        weight += float(out["weight_sum"])
-    loss = nll / max(weight, 1.0)
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "target_tokens": weight}
+@dataclasses.dataclass
+class Setup:
+    """A run's model, optimiser and layout, built (abstractly) from its config."""
+
+    config: ml_collections.ConfigDict
+    model_config: model_lib.ModelConfig
+    num_steps: int
+    mesh: Any
+    rules: tuple
+    tx: Any
+    schedule: Any
+    layout: train_state.Layout
+    make_model: Any
+    trainable: Any
+    finetune: finetune_lib.Finetune | None  # None: pretraining from scratch
+
+    def plain_model(self) -> nnx.Module:
+        return model_lib.Transformer(self.model_config, rngs=nnx.Rngs(params=self.config.train.seed))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns its record."""
-    logging_utils.setup_console()
-    workdir = Path(workdir)
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Checks the config (and, for finetuning, its method, base and data) and works out the
+    run's shapes and shardings; allocates and compiles nothing."""
     # Every check that can fail on bad input runs before anything is built or compiled.
     config_lib.validate(config, num_devices=jax.device_count())
     validate_data(config)
     model_config = model_sizes.resolve(config.model)
-
+    ft = (finetune_lib.prepare(config, model_config) if finetune_lib.is_finetuning(config)
+          else None)
+    num_steps = ft.num_steps if ft else config.train.num_steps
+    labels, overrides = ft.optimizer_groups() if ft else (None, None)
+    tx, schedule = train_state.optimizer(config, model_config, num_steps, param_labels=labels,
+                                         group_overrides=overrides)
     mesh = partitioning.make_mesh(config.mesh.axes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    num_steps = config.train.num_steps
-    tx, schedule = train_state.optimizer(config, model_config)
+    setup = Setup(config=config, model_config=model_config, num_steps=num_steps, mesh=mesh,
+                  rules=rules, tx=tx, schedule=schedule, layout=None, make_model=None,
+                  trainable=ft.trainable if ft else nnx.Param, finetune=ft)
+    setup.make_model = ft.make_model if ft else setup.plain_model
+    setup.layout = train_state.make_layout(setup.make_model, tx, mesh, rules, setup.trainable)
+    return setup
 
-    def make_model():
-        from flax import nnx
 
-        return model_lib.Transformer(model_config, rngs=nnx.Rngs(params=config.train.seed))
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
-    layout = train_state.make_layout(make_model, tx, mesh, rules)
+
+def _new_record(setup: Setup) -> dict[str, Any]:
+    config, ft = setup.config, setup.finetune
+    counts = model_sizes.count_params(setup.model_config)
+    model = {"size": config.model.size, "num_params": counts["total"],
+             "num_embedding_params": counts["embedding"],
+             "num_non_embedding_params": counts["non_embedding"]}
+    if ft is None:
+        return record_lib.new_record(
+            kind="pretrain", task=config.data.task, method="pretrain",
+            config=config_lib.to_dict(config), model=model,
+            data={"pretrain_tokens": 0, "finetune_examples": None, "seed": config.data.seed})
+    report = petuning.trainable_report(nnx.eval_shape(setup.make_model), setup.trainable)
+    log.info("%s", petuning.summary(report, ft.kind))
+    subset_seed = config.data.finetune.subset_seed
+    record = record_lib.new_record(
+        kind="finetune", task=config.data.task, method=ft.kind, config=config_lib.to_dict(config),
+        model=model, pet=petuning.pet_record(ft.kind, petuning.size_of(ft.method), report),
+        data={"pretrain_tokens": ft.base.pretrain_tokens, "finetune_examples": ft.num_examples,
+              "seed": config.data.seed if subset_seed is None else subset_seed,
+              "data_seed": config.data.seed})
+    fields = ft.record_fields(setup.layout, report)
+    fields.pop("pet")
+    record.update(fields)
+    return record
+
+
+def restore_run(setup: Setup, ckpt: checkpointing.CheckpointManager, step: int | None = None):
+    """(state, frozen, metadata) of a run's checkpoint `step` (None: the newest readable)."""
+    state, metadata = ckpt.restore(setup.layout.abstract_state, step=step)
+    frozen = {}
+    if setup.finetune is not None:
+        frozen = setup.finetune.frozen_for_resume(setup.layout, metadata,
+                                                  ckpt.directory / str(ckpt.restored_step))
+    return state, frozen, metadata
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` to its last step; returns its record.
+
+    Pretraining (config.finetune.method None) starts from a random model. Finetuning starts
+    from the base run config.finetune names, trains what its method trains, keeps the
+    checkpoint with the lowest dev loss and, at the end, evaluates that checkpoint as
+    config.evaluation says (ul2_lm/evaluate.py).
+    """
+    logging_utils.setup_console()
+    workdir = Path(workdir)
+    setup = build(config)
+    model_config, mesh, rules = setup.model_config, setup.mesh, setup.rules
+    num_steps, tx, schedule, layout, ft = (setup.num_steps, setup.tx, setup.schedule,
+                                           setup.layout, setup.finetune)
     ckpt = checkpointing.CheckpointManager(workdir / "checkpoints", config.checkpoint)
 
     counts = model_sizes.count_params(model_config)
     record = record_lib.read(workdir)
-    restored_step, data_state = ckpt.latest_step(), None
+    restored_step, data_state, base_metadata = ckpt.latest_step(), None, None
     if restored_step is not None:
-        state, metadata = ckpt.restore(layout.abstract_state, step=None)
+        state, frozen, metadata = restore_run(setup, ckpt)
         data_state = metadata["data_state"][jax.process_index()]
-        frozen = {}
+        base_metadata = metadata.get("base")
         restored_step = int(state.step)
         log.info("resumed from step %d in %s", restored_step, ckpt.directory)
         if record is not None:
             record = record_lib.truncate_to_step(record, restored_step)
     else:
-        state, frozen = train_state.create(make_model, tx, layout, mesh, rules)
+        if ft is not None:
+            state, frozen, base_fingerprint = ft.initial_state(tx, layout, mesh, rules)
+            base_metadata = ft.checkpoint_metadata(base_fingerprint)
+            log.info("finetuning (%s) from %s step %d", ft.kind, ft.base.workdir, ft.base.step)
+        else:
+            state, frozen = train_state.create(setup.make_model, tx, layout, mesh, rules)
         restored_step = 0
     if record is None or restored_step == 0:
-        record = record_lib.new_record(
-            kind="pretrain", task=config.data.task, method="pretrain",
-            config=config_lib.to_dict(config),
-            model={"size": config.model.size, "num_params": counts["total"],
-                   "num_embedding_params": counts["embedding"],
-                   "num_non_embedding_params": counts["non_embedding"]},
-            data={"pretrain_tokens": 0, "finetune_examples": None, "seed": config.data.seed})
+        record = _new_record(setup)
 
     train_step = jax.jit(
         steps.make_train_step(layout.graphdef, tx, seed=config.train.seed,
                               num_microbatches=config.train.num_microbatches,
                               z_loss=config.train.z_loss,
-                              dropout=model_config.dropout_rate > 0),
+                              dropout=model_config.dropout_rate > 0 or _has_dropout(ft)),
         in_shardings=(layout.state_shardings, layout.frozen_shardings, None),
         out_shardings=(layout.state_shardings, None),
         donate_argnums=(0,))
@@ -166,10 +219,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
              dict(mesh.shape), peak_source)
 
     batches = train_batches(config, data_state)
+    _keep_vocabulary(batches, workdir)
 
     def save(step: int, metrics: dict[str, float] | None) -> None:
-        ckpt.save(step, state, metrics=metrics,
-                  metadata={"data_state": all_hosts(batches.state())})
+        metadata = {"data_state": all_hosts(batches.state())}
+        if base_metadata is not None:
+            metadata["base"] = base_metadata
+        ckpt.save(step, state, metrics=metrics, metadata=metadata)
 
     def check_finite(step: int, finite) -> None:
         try:
@@ -217,8 +273,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                          scalars["loss"], scalars["learning_rate"], f"{tokens_per_s:,.0f}", 100 * mfu)
                 window_start, window_steps = time.perf_counter(), 0
             if is_eval:
-                last_eval = evaluate(eval_step, state.params, frozen, config, mesh, rules,
-                                     split=config.data.eval_split)
+                last_eval = evaluate_lib.loss_metrics(eval_step, state.params, frozen, config,
+                                                      mesh, rules, split=config.data.eval_split)
                 writer.scalars(step, last_eval, prefix="dev/")
                 log.info("step %d dev loss %.4f perplexity %.2f", step, last_eval["loss"],
                          last_eval["perplexity"])
@@ -226,10 +282,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                                                "split": "dev", **last_eval})
                 record_lib.update_best(record)
                 window_start, window_steps = time.perf_counter(), 0
-            if step % config.checkpoint.every_steps == 0 or step == num_steps:
+            if step % config.checkpoint.every_steps == 0 or step == num_steps or (
+                    ft is not None and is_eval):
+                # A finetuning run saves at every evaluation, so that the checkpoint with the
+                # lowest dev loss is there to keep.
                 check_finite(*pending)
                 record.update(steps=step, tokens_seen=step * tokens_per_step)
-                record["data"]["pretrain_tokens"] = step * tokens_per_step
+                if ft is None:
+                    record["data"]["pretrain_tokens"] = step * tokens_per_step
                 # The record is written before the checkpoint: after a kill, what the newest
                 # checkpoint covers is always in the record.
                 if jax.process_index() == 0:
@@ -240,12 +300,100 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     record["final"] = {"dev_loss": last_eval["loss"] if last_eval else None,
                        "dev_perplexity": last_eval["perplexity"] if last_eval else None,
                        "skipped_steps": int(state.skipped_steps)}
+    if ft is not None:
+        _evaluate_best(setup, ckpt, frozen, eval_step, record)
     record["status"] = "finished"
     if jax.process_index() == 0:
         record_lib.write(workdir, record)
     writer.close()
     log.info("finished %d steps; record in %s", num_steps, record_lib.path_in(workdir))
     return record
+
+
+VOCAB_FILE = "vocab.model"
+
+
+def _keep_vocabulary(batches, workdir: Path) -> None:
+    """Copies the run's SentencePiece model into its workdir (a finetuning run of another task
+    names it with data.vocab.path), unless it is there already."""
+    source = getattr(getattr(batches, "vocabulary", None), "sentencepiece_model_file", None)
+    target = workdir / VOCAB_FILE
+    if source and not target.exists() and jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
+def _has_dropout(ft: finetune_lib.Finetune | None) -> bool:
+    return ft is not None and getattr(ft.method, "dropout_rate", 0.0) > 0
+
+
+def _evaluate_best(setup: Setup, ckpt, frozen, eval_step, record: dict[str, Any]) -> None:
+    """Evaluates the finetuning run's best checkpoint (lowest dev loss) into `record`."""
+    best = ckpt.best_step() or ckpt.latest_step()
+    state, _ = ckpt.restore(setup.layout.abstract_state, step=best)
+    log.info("evaluating the best checkpoint: step %d", best)
+    results = _evaluate_state(setup, state, frozen, eval_step)
+    record["final"].update(results.pop("final"), best_step=best,
+                           skipped_steps=record["final"]["skipped_steps"])
+    record.update(results)
+    ft = setup.finetune
+    record["checkpoint"].update(
+        disk_bytes=_dir_bytes(ckpt.directory / str(best)),
+        base_disk_bytes=_dir_bytes(ft.base.checkpoints / str(ft.base.step)))
+    record["checkpoint"]["disk_ratio_to_base"] = (record["checkpoint"]["disk_bytes"]
+                                                  / max(record["checkpoint"]["base_disk_bytes"], 1))
+
+
+def _evaluate_state(setup: Setup, state, frozen, eval_step) -> dict[str, Any]:
+    ft, layout = setup.finetune, setup.layout
+    models = {"finetuned": nnx.merge(layout.graphdef, state.params, frozen)}
+    if setup.config.evaluation.few_shot:
+        base_graphdef = nnx.split(nnx.eval_shape(setup.plain_model))[0]
+        base_params = ft.load_base_params(layout.abstract_params) if ft.kind == "fmt" else frozen
+        models["base"] = nnx.merge(base_graphdef, base_params)
+    return evaluate_lib.final_evaluation(config=setup.config, models=models, eval_step=eval_step,
+                                         params=state.params, frozen=frozen, mesh=setup.mesh,
+                                         rules=setup.rules)
+
+
+def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
+                 evaluation: dict[str, Any] | None = None,
+                 write_record: bool = False) -> dict[str, Any]:
+    """Re-evaluates the run in `workdir` from its record's config and its checkpoint `step`
+    (default: the best by dev loss, else the newest). `evaluation` overrides keys of
+    config.evaluation. Finetuning runs get `final_evaluation`'s measurements; pretraining runs
+    loss and perplexity on config.evaluation.splits."""
+    logging_utils.setup_console()
+    workdir = Path(workdir)
+    record = record_lib.read(workdir)
+    if record is None:
+        raise FileNotFoundError(f"{record_lib.path_in(workdir)}: no run record; is {workdir} a "
+                                "run's --workdir?")
+    config = ml_collections.ConfigDict(record["config"])
+    for key, value in (evaluation or {}).items():
+        config.evaluation[key] = value
+    setup = build(config)
+    if not checkpointing.committed_steps(workdir / "checkpoints"):
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: the run has no checkpoint to evaluate")
+    ckpt = checkpointing.CheckpointManager(workdir / "checkpoints", config.checkpoint)
+    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+    state, frozen, _ = restore_run(setup, ckpt, step)
+    eval_step = jax.jit(steps.make_eval_step(setup.layout.graphdef))
+    if setup.finetune is not None:
+        results = _evaluate_state(setup, state, frozen, eval_step)
+    else:
+        with partitioning.activate(setup.mesh, setup.rules):
+            results = {"final": {
+                f"{split}_{k}": v for split in config.evaluation.splits
+                for k, v in evaluate_lib.loss_metrics(eval_step, state.params, frozen, config,
+                                                      setup.mesh, setup.rules, split=split).items()}}
+    results = {"step": int(step), **results}
+    if write_record and jax.process_index() == 0:
+        record.setdefault("evaluations", []).append(results)
+        record_lib.write(workdir, record)
+    return results
 
 
 FLAGS = flags.FLAGS

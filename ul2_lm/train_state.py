@@ -48,12 +48,16 @@ def _pure(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def optimizer(config, model_config, num_steps: int | None = None):
+def optimizer(config, model_config, num_steps: int | None = None, *, param_labels=None,
+              group_overrides=None):
     """(tx, schedule) for a run: config.optim, with Adafactor's statistics, update clipping and
-    parameter scale computed per layer for scanned layers, exactly as for unscanned ones."""
+    parameter scale computed per layer for scanned layers, exactly as for unscanned ones.
+    `param_labels` / `group_overrides`: parameter groups (see optim.make_optimizer), e.g. a
+    finetuning method's new parameters (petuning.optimizer_groups)."""
     stacked = (optim.labels_by_path([(r"^layers/", True)], default=False)
                if model_config.scan_layers else None)
-    return optim.make_optimizer(config.optim, num_steps or config.train.num_steps, stacked=stacked)
+    return optim.make_optimizer(config.optim, num_steps or config.train.num_steps, stacked=stacked,
+                                param_labels=param_labels, group_overrides=group_overrides)
 
 
 def make_layout(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
@@ -86,18 +90,28 @@ def make_layout(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
 
 def create(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
            layout: Layout, mesh: Mesh, rules, trainable: nnx.filterlib.Filter = nnx.Param,
-           ) -> tuple[TrainState, Any]:
-    """Initialises (train state, frozen params), each array born with its final sharding."""
+           *, with_frozen: bool = True) -> tuple[TrainState, Any]:
+    """Initialises (train state, frozen params), each array born with its final sharding.
+
+    with_frozen=False returns (state, None) and never materialises the frozen part (the
+    compiler drops its initialisation): for a finetuning run whose frozen base comes from a
+    checkpoint."""
 
     def init():
         _, params, frozen = nnx.split(make_model(), trainable, ...)
         params, frozen = _pure(params), _pure(frozen)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32))
-        return state, frozen
+        return (state, frozen) if with_frozen else (state, None)
 
+    shardings = (layout.state_shardings, layout.frozen_shardings if with_frozen else None)
     with partitioning.activate(mesh, rules):
-        return jax.jit(init, out_shardings=(layout.state_shardings, layout.frozen_shardings))()
+        return jax.jit(init, out_shardings=shardings)()
+
+
+def fresh_opt_state(tx: optax.GradientTransformation, params, layout: Layout):
+    """The optimiser's initial state for `params`, in the layout's shardings."""
+    return jax.jit(tx.init, out_shardings=layout.state_shardings.opt_state)(params)
 
 
 

@@ -113,18 +113,23 @@ class FinetuneTaskSpec:
     name: str
     make_source: Callable[[object], fs.PairSource]
     embedded: bool  # its text is the embedded corpus's (its vocabulary is the embedded one)
+    kind: str = "translation"  # 'translation' | 'summarization': which generation metrics apply
+    language: str | None = None  # the targets' language code, when metrics tokenise by it
 
 
 FINETUNE_TASKS = {t.name: t for t in [
     FinetuneTaskSpec("ft_embedded_xen_xde", _embedded_translation("xen", "xde"), True),
     FinetuneTaskSpec("ft_embedded_xsc_xde", _embedded_translation("xsc", "xde"), True),
-    FinetuneTaskSpec("ft_embedded_summ_xen", _embedded_summarization("xen"), True),
-    FinetuneTaskSpec("ft_embedded_summ_xde", _embedded_summarization("xde"), True),
-    FinetuneTaskSpec("ft_embedded_summ", _embedded_summarization("xen", "xde"), True),
-    FinetuneTaskSpec("ft_wmt14_ende", _tfds_translation("wmt14_translate/de-en", "en", "de"), False),
+    FinetuneTaskSpec("ft_embedded_summ_xen", _embedded_summarization("xen"), True, "summarization"),
+    FinetuneTaskSpec("ft_embedded_summ_xde", _embedded_summarization("xde"), True, "summarization"),
+    FinetuneTaskSpec("ft_embedded_summ", _embedded_summarization("xen", "xde"), True,
+                     "summarization"),
+    FinetuneTaskSpec("ft_wmt14_ende", _tfds_translation("wmt14_translate/de-en", "en", "de"), False,
+                     language="de"),
     FinetuneTaskSpec("ft_wmt19_enzh", _tfds_translation("wmt19_translate/zh-en", "en", "zh",
-                                                        {"test": "validation"}), False),
-    FinetuneTaskSpec("ft_mlsum_cnndm", _tfds_summarization, False),
+                                                        {"test": "validation"}), False,
+                     language="zh"),
+    FinetuneTaskSpec("ft_mlsum_cnndm", _tfds_summarization, False, "summarization"),
     FinetuneTaskSpec("ft_files", _files, False),
 ]}
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ul2_lm import ul2
 from ul2_lm.data import corpus as corpus_lib
+from ul2_lm.data import finetune_sources as fs
 from ul2_lm.data import tf_setup
 
 tf_setup.quiet_tensorflow()
@@ -37,6 +38,16 @@ DEFAULT_EXTRA_IDS = 100
 EMBEDDED_SAMPLE_DOCUMENTS = 20_000
 TEXT_FILES_SAMPLE_LINES = 200_000
 _RECIPE_VERSION = 1  # bump when the trainer options below change
+EMBEDDED_SAMPLE_VERSION = 2  # bump when embedded_vocab's sample changes (2: finetuning prompts)
+# The embedded finetuning tasks' prompts (ft_embedded_xen_xde, ft_embedded_xsc_xde,
+# ft_embedded_summ_{xen,xde}): template and fields, language codes in place of names.
+EMBEDDED_PROMPTS = (
+    (fs.TRANSLATION_PROMPT, {"src_lang": "xen", "tgt_lang": "xde"}),
+    (fs.TRANSLATION_PROMPT, {"src_lang": "xsc", "tgt_lang": "xde"}),
+    (fs.SUMMARIZATION_PROMPT, {"lang": "xen"}),
+    (fs.SUMMARIZATION_PROMPT, {"lang": "xde"}),
+)
+EMBEDDED_PROMPT_EVERY = 8  # one round of prompts per this many sampled documents
 
 
 def cache_dir() -> Path:
@@ -102,10 +113,24 @@ def _train(texts: Iterable[str], options: dict, path: Path):
         os.replace(Path(tmp) / "model.model", path)
 
 
+def _embedded_prompts(world: corpus_lib.Corpus, index: int) -> list[str]:
+    """Each embedded finetuning prompt around a sentence of parallel text `index` in the language
+    it introduces (the source language of a translation, the document's of a summary)."""
+    texts = []
+    for template, fields in EMBEDDED_PROMPTS:
+        lang = fields.get("src_lang", fields.get("lang"))
+        sentence = world.parallel("train", index, "xen", lang)[1]
+        names = {key: fs.LANGUAGE_NAMES[code] for key, code in fields.items()}
+        texts.append(fs.prompt_filler(template, **names)(sentence))
+    return texts
+
+
 def embedded_vocab(size: int = DEFAULT_SIZE, *, seed: int = 0, extra_ids: int = DEFAULT_EXTRA_IDS,
                    num_documents: int = EMBEDDED_SAMPLE_DOCUMENTS,
                    cache: str | os.PathLike | None = None) -> seqio.SentencePieceVocabulary:
-    """The embedded corpus's vocabulary, trained on its first `num_documents` training texts."""
+    """The embedded corpus's vocabulary, trained on its first `num_documents` training texts,
+    some parallel text, and the embedded finetuning tasks' prompts (so that their words, the
+    language names' capital X and the ':' are pieces, not unknown)."""
     world = corpus_lib.Corpus(seed)
 
     def sample():  # every language, so that translation and zero-shot tests tokenize well
@@ -113,8 +138,12 @@ def embedded_vocab(size: int = DEFAULT_SIZE, *, seed: int = 0, extra_ids: int = 
             yield world.monolingual("train", i)[1]
             if i % 4 == 0:
                 yield " ".join(world.parallel("train", i, "xen", lang)[1] for lang in ("xde", "xsc"))
+            if i % EMBEDDED_PROMPT_EVERY == 0:
+                yield from _embedded_prompts(world, i)
 
-    recipe = f"embedded corpus v{corpus_lib.VERSION} seed {seed} documents {num_documents}"
+    prompts = json.dumps([list(EMBEDDED_PROMPTS), EMBEDDED_PROMPT_EVERY], sort_keys=True)
+    recipe = (f"embedded corpus v{corpus_lib.VERSION} sample v{EMBEDDED_SAMPLE_VERSION} "
+              f"seed {seed} documents {num_documents} prompts {prompts}")
     return train_vocab(sample(), size, extra_ids=extra_ids, name="embedded", recipe=recipe,
                        cache=cache)
 

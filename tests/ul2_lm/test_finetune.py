@@ -1,0 +1,319 @@
+"""Finetuning runs end to end: FMT, LoRA and prompt tuning from a pretrained base, what they
+save and record, exact resume, re-evaluation, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from ul2_lm import checkpointing, config as config_lib, record as record_lib, train
+from ul2_lm.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def data_settings(c):
+    # A small vocabulary trained on a small sample: seconds, and shared by base and finetuning.
+    c.data.vocab.size = 512
+    c.data.vocab.sample_documents = 2000
+    c.data.num_eval_batches = 1
+    return c
+
+
+def base_config():
+    c = data_settings(config_lib.default_config())
+    c.model.size = "tiny"
+    c.data.task = "ul2_embedded_ende"
+    c.data.seq_len = 64
+    c.train.num_steps = 4
+    c.train.global_batch_size = 8
+    c.train.eval_every_steps = 4
+    c.optim.warmup_steps = 1
+    c.checkpoint.every_steps = 2
+    return c
+
+
+def finetune_config(method, base_workdir, **changes):
+    c = data_settings(config_lib.finetuning(method))
+    c.model.size = "tiny"
+    c.finetune.base_workdir = str(base_workdir)
+    c.finetune.prompt.length = 8
+    c.data.task = "ft_embedded_xen_xde"
+    c.data.seq_len = 64
+    c.data.finetune.num_examples = 64
+    c.train.num_steps = 4
+    c.train.global_batch_size = 8
+    c.train.eval_every_steps = 2
+    c.train.log_every_steps = 2
+    c.optim.warmup_steps = 1
+    c.checkpoint.every_steps = 4
+    c.evaluation.num_generate_examples = 4
+    c.evaluation.max_new_tokens = 6
+    c.evaluation.decode_batch_size = 8
+    for key, value in changes.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("base")
+    train.run(base_config(), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    out = {}
+    for method in ("fmt", "lora", "prompt"):
+        workdir = tmp_path_factory.mktemp(method)
+        config = finetune_config(method, base)
+        if method == "lora":
+            config.evaluation.zero_shot_tasks = ("ft_embedded_xsc_xde",)
+            config.evaluation.few_shot = (1,)
+        out[method] = (workdir, config, train.run(config, workdir))
+    return out
+
+
+def stored_paths(step_dir):
+    """The array paths a checkpoint step holds ('params/...', 'opt_state/...')."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata
+    return set(checkpointing._flat_metadata(  # pylint: disable=protected-access
+        meta.tree if hasattr(meta, "tree") else meta))
+
+
+@pytest.mark.parametrize("method", ["fmt", "lora", "prompt"])
+def test_a_finetuning_run_records_what_the_scaling_fits_need(runs, base, method):
+    workdir, config, record = runs[method]
+    on_disk = record_lib.read(workdir)
+    assert on_disk == json.loads(json.dumps(on_disk))
+    assert on_disk["status"] == "finished" and on_disk["kind"] == "finetune"
+    assert on_disk["method"] == method
+    base_record = record_lib.read(base)
+    assert on_disk["data"]["pretrain_tokens"] == base_record["data"]["pretrain_tokens"] == 4 * 8 * 64
+    assert on_disk["data"]["finetune_examples"] == 64
+    assert on_disk["pet"] == (None if method == "fmt" else
+                              {"kind": method, "size": {"lora": 4, "prompt": 8}[method],
+                               "num_trainable_params": on_disk["trainable"]["count"]})
+    final = on_disk["final"]
+    for key in ("dev_loss", "test_loss", "test_perplexity", "bleu", "chrf"):
+        assert np.isfinite(final[key]), key
+    assert final["test_perplexity"] == pytest.approx(np.exp(final["test_loss"]))
+    # The best checkpoint is the one with the lowest dev loss, and `final` measures it.
+    dev = {e["step"]: e["loss"] for e in on_disk["eval_history"] if e["split"] == "dev"}
+    assert sorted(dev) == [2, 4]
+    assert final["best_step"] == min(dev, key=dev.get)
+    assert final["dev_loss"] == pytest.approx(dev[final["best_step"]], rel=1e-6)
+    assert on_disk["generation"]["num_examples"] == 4
+    assert "bleurt" in on_disk["generation"]["skipped"]  # no checkpoint given: skipped, said why
+    # The scaling package reads it as one row.
+    from scaling import records
+
+    row, reason = records.parse(on_disk, str(workdir / "record.json"))
+    assert reason is None and row["method"] == method and row["finetune_examples"] == 64
+
+
+def test_pet_checkpoints_hold_only_the_trainable_parameters(runs):
+    ratios = {}
+    for method, (workdir, _, record) in runs.items():
+        step_dir = workdir / "checkpoints" / str(record["final"]["best_step"])
+        stored = stored_paths(step_dir)
+        params = {p for p in stored if p.startswith("params/")}
+        if method != "fmt":  # no optimiser statistics of a frozen weight either
+            assert not any("kernel" in p or "embedding" in p for p in stored)
+        if method == "lora":
+            assert params and all(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in params)
+        elif method == "prompt":
+            assert params == {"params/prompt"}
+        else:
+            assert "params/embedding" in params
+        ratios[method] = record["checkpoint"]["state_ratio_to_fmt"]
+        metadata = json.loads((step_dir / "metadata" / "metadata").read_text())
+        assert metadata["base"]["step"] == 4 and metadata["base"]["fingerprint"]
+    assert ratios["fmt"] == pytest.approx(1.0, rel=1e-4)  # the step counters aside
+    assert ratios["lora"] < 0.2 and ratios["prompt"] < 0.01
+
+
+def test_reevaluating_a_pet_checkpoint_on_its_base_reproduces_the_run_exactly(runs):
+    for method in ("lora", "prompt"):
+        workdir, _, record = runs[method]
+        best = record["final"]["best_step"]
+        again = train.evaluate_run(workdir, evaluation={"splits": ("validation", "test"),
+                                                         "few_shot": ()})
+        assert again["step"] == best
+        # Exactly the same numbers: the same arrays, the same compiled computation.
+        assert again["final"]["dev_loss"] == record["final"]["dev_loss"]
+        assert again["final"]["test_loss"] == record["final"]["test_loss"]
+        assert again["final"]["bleu"] == record["final"]["bleu"]
+
+
+def test_zero_shot_and_few_shot_results_are_recorded(runs):
+    _, _, record = runs["lora"]
+    zero = record["zero_shot"]["ft_embedded_xsc_xde"]
+    assert np.isfinite(zero["loss"]) and "bleu" in zero
+    assert set(record["few_shot"]["1"]) == {"finetuned", "base"}
+    assert "few_shot.1.base.bleu" in record["final"]
+
+
+def test_the_evaluate_command_reevaluates_a_run_on_any_split(runs):
+    workdir, _, record = runs["lora"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "ul2_lm.evaluate", f"--workdir={workdir}", "--splits=train",
+         "--num_generate_examples=0", "--write_record"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    assert np.isfinite(results["final"]["train_loss"])
+    assert record_lib.read(workdir)["evaluations"][-1]["final"] == results["final"]
+
+
+DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    import ml_collections
+    from ul2_lm import checkpointing, train
+
+    kill_after_save = int(sys.argv[3])
+    if kill_after_save:
+        original = checkpointing.CheckpointManager.save
+
+        def save_then_die(self, step, *args, **kwargs):
+            original(self, step, *args, **kwargs)
+            if step == kill_after_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpointing.CheckpointManager.save = save_then_die
+    train.run(ml_collections.ConfigDict(json.loads(sys.argv[2])), sys.argv[1])
+""")
+
+
+def run_driver(workdir, config, kill_after_save=0):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, str(workdir), json.dumps(config_lib.to_dict(config)),
+         str(kill_after_save)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_killed_lora_run_resumes_bitwise_exactly(base, tmp_path):
+    config = finetune_config("lora", base, checkpoint__every_steps=2, train__num_steps=6)
+    config.evaluation.num_generate_examples = 0
+    reference = tmp_path / "uninterrupted"
+    assert run_driver(reference, config).returncode == 0
+    workdir = tmp_path / "killed"
+    killed = run_driver(workdir, config, kill_after_save=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_driver(workdir, config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    a, b = record_lib.read(reference), record_lib.read(workdir)
+    assert [e["loss"] for e in a["eval_history"]] == [e["loss"] for e in b["eval_history"]]
+    assert a["final"]["test_loss"] == b["final"]["test_loss"]
+    params_a = _restored_params(reference, config)
+    params_b = _restored_params(workdir, config)
+    for u, v in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(u, v)
+
+
+def _restored_params(workdir, config):
+    setup = train.build(config)
+    manager = checkpointing.CheckpointManager(Path(workdir) / "checkpoints", config.checkpoint)
+    state, _ = manager.restore(setup.layout.abstract_state, step=6)
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+# --- bad input: one clear message naming the value, before anything is built ----------------
+
+
+def _snapshot(directory):
+    return {p: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("changes, key, words", [
+    ({"lora_rank": 0}, "finetune.lora.rank", "> 0"),
+    ({"lora_rank": 4096}, "finetune.lora.rank", "exceeds"),
+    ({"lora_targets": "nothing_like_this"}, "finetune.lora.targets", "matches no projection"),
+    ({"method": "prompt", "prompt_length": 500}, "finetune.prompt.length", "max_seq_len"),
+    ({"method": "prompt", "pack": True}, "data.pack", "pack=False"),
+    ({"num_examples": 10_000_000}, "data.finetune.num_examples", "has 1000000"),
+    ({"model_size": "small"}, "model.", "base run"),
+])
+def test_bad_finetuning_configs_name_the_key(base, tmp_path, changes, key, words):
+    config = finetune_config(changes.get("method", "lora"), base)
+    if "lora_rank" in changes:
+        config.finetune.lora.rank = changes["lora_rank"]
+    if "lora_targets" in changes:
+        config.finetune.lora.targets = changes["lora_targets"]
+    if "prompt_length" in changes:
+        config.finetune.prompt.length = changes["prompt_length"]
+    if "pack" in changes:
+        config.data.pack = changes["pack"]
+    if "num_examples" in changes:
+        config.data.finetune.num_examples = changes["num_examples"]
+    if "model_size" in changes:
+        config.model.size = changes["model_size"]
+    before = _snapshot(base)
+    with pytest.raises(ConfigError) as info:
+        train.run(config, tmp_path / "run")
+    assert f"config.{key}" in str(info.value) and words in str(info.value), str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert _snapshot(base) == before
+
+
+def test_a_missing_base_names_the_command_that_produces_it(tmp_path):
+    config = finetune_config("lora", tmp_path / "no_base_here")
+    with pytest.raises(ConfigError) as info:
+        train.run(config, tmp_path / "run")
+    message = str(info.value)
+    assert "config.finetune.base_workdir" in message
+    assert f"python -m ul2_lm.train --config=configs/tiny_ul2.py --workdir={tmp_path / 'no_base_here'}" in message
+
+
+def test_a_pet_checkpoint_on_another_base_is_refused_and_left_intact(base, runs, tmp_path):
+    import shutil
+
+    other_base = tmp_path / "other_base"
+    shutil.copytree(base, other_base)
+    # The same shapes, other weights: a base retrained in place.
+    config = base_config()
+    config.train.seed = 1
+    shutil.rmtree(other_base / "checkpoints")
+    train.run(config, other_base)
+    workdir = tmp_path / "lora"
+    shutil.copytree(runs["lora"][0], workdir)
+    before = _snapshot(workdir)
+    # Pointed at another base directory: the reference differs.
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="trained on the base"):
+        train.run(finetune_config("lora", other_base), workdir)
+    assert _snapshot(workdir) == before
+    # The same base directory, retrained: the fingerprint differs.
+    moved = tmp_path / "moved"
+    base_copy = Path(runs["lora"][1].finetune.base_workdir)
+    shutil.move(str(base_copy), moved)
+    try:
+        shutil.move(str(other_base), base_copy)
+        with pytest.raises(checkpointing.IncompatibleCheckpointError, match="another base"):
+            train.evaluate_run(workdir)
+    finally:
+        shutil.move(str(base_copy), other_base)
+        shutil.move(str(moved), base_copy)
+    assert _snapshot(workdir) == before
+
+
+def test_epoch_budget_stops_at_the_earlier_of_steps_and_epochs(base, tmp_path):
+    config = finetune_config("lora", base, train__num_steps=100)
+    config.finetune.num_epochs = 0.5  # 32 of the 64 examples at batch 8: 4 steps
+    setup = train.build(config)
+    assert setup.num_steps == 4
+    config.finetune.num_epochs = 1000
+    assert train.build(config).num_steps == 100
