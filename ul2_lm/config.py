@@ -461,6 +461,10 @@ def paper_finetuning(method: str, size: str = "1b",
     c.data.finetune.num_examples = 100_000 if method != "fmt" else 1_000_000
     c.train.num_steps = PAPER_FINETUNE_STEPS
     c.train.num_microbatches = 1
+    if c.train.global_batch_size < 64:
+        # A batch of 16 splits over at most 16 chips: on a larger slice the rest of the devices
+        # split the heads and the feed-forward (tensor parallelism).
+        c.mesh.axes = (("data", 1), ("fsdp", c.train.global_batch_size), ("tensor", -1))
     c.train.z_loss = 0.0
     c.train.eval_every_steps = 2_000
     c.optim.warmup_steps = 1_000  # open in the paper

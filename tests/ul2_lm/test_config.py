@@ -5,6 +5,7 @@ import copy
 import jax
 import ml_collections
 import pytest
+from pathlib import Path
 
 from ul2_lm import config as config_lib
 from ul2_lm import train
@@ -75,6 +76,40 @@ def test_the_default_and_shipped_configs_are_valid():
     config_lib.validate(tiny(), num_devices=8)
     for size in ("1b", "2b", "4b", "8b", "16b"):
         config_lib.validate(config_lib.paper_pretraining(size), num_devices=64)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs")
+                                         .glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_file_is_valid(path):
+    config = config_flags_load(path)
+    devices = 64 if path.name[0].isdigit() else 8
+    config_lib.validate(config, num_devices=devices)
+    if config.finetune.method is not None:
+        rate, batch = config_lib.PAPER_FINETUNE[config.finetune.method]
+        assert config.optim.peak_learning_rate == rate
+        assert config.train.global_batch_size == batch
+        assert (config.finetune.lora.rank, config.finetune.prompt.length) == (4, 100)
+
+
+def config_flags_load(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(finetune__method="lora"), "finetune.base_workdir"),
+    (dict(finetune__method="adapters"), "finetune.method"),
+    (dict(evaluation__few_shot=(1, -2)), "evaluation.few_shot"),
+    (dict(evaluation__beam_size=0), "evaluation.beam_size"),
+    (dict(finetune__prompt__init="zeros"), "finetune.prompt.init"),
+])
+def test_bad_finetuning_settings_name_the_key(changes, key):
+    with pytest.raises(config_lib.ConfigError, match=f"config.{key}"):
+        config_lib.validate(with_changes(**changes))
 
 
 def test_bad_config_stops_the_trainer_before_compiling_or_writing(tmp_path, monkeypatch):

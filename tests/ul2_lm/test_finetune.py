@@ -317,3 +317,20 @@ def test_epoch_budget_stops_at_the_earlier_of_steps_and_epochs(base, tmp_path):
     assert setup.num_steps == 4
     config.finetune.num_epochs = 1000
     assert train.build(config).num_steps == 100
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", "is empty"),
+    ("an input\ta target\nonly one column\n", ":2: expected 2 tab-separated columns"),
+])
+def test_a_bad_pairs_file_is_named_before_anything_is_built(base, tmp_path, content, words):
+    path = tmp_path / "pairs.tsv"
+    path.write_text(content)
+    config = finetune_config("lora", base)
+    config.data.task = "ft_files"
+    config.data.finetune.files = str(path)
+    config.data.finetune.num_examples = None
+    with pytest.raises(ValueError) as info:
+        train.run(config, tmp_path / "run")
+    assert str(path) in str(info.value) and words in str(info.value), str(info.value)
+    assert not (tmp_path / "run").exists()

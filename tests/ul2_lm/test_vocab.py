@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from ul2_lm.data import corpus as corpus_lib
+from ul2_lm.data import finetune_sources as fs
 from ul2_lm.data import tasks
 from ul2_lm.data import testing
 from ul2_lm.data import vocab as vocab_lib
@@ -72,6 +73,22 @@ def test_corpus_text_round_trips_in_every_language(vocab):
         text = world.summarization("test", 11, lang)[0]
         ids = vocab.encode(text)
         assert vocab.unk_id not in ids
+        assert vocab.decode(ids) == text
+
+
+def test_embedded_finetuning_prompts_have_no_unknown_pieces(vocab):
+    world = corpus_lib.Corpus(0)
+    sentence = world.parallel("test", 5, "xen", "xsc")[1]
+    names = [corpus_lib.LANGUAGE_NAMES[lang] for lang in corpus_lib.LANGUAGES]
+    texts = [fs.SUMMARIZATION_PROMPT.format(lang=name, text=sentence) for name in names]
+    texts += [fs.TRANSLATION_PROMPT.format(src_lang=a, tgt_lang=b, text=sentence)
+              for a in names for b in names if a != b]
+    for template, fields in vocab_lib.EMBEDDED_PROMPTS:
+        texts.append(template.format(text=sentence, **{k: corpus_lib.LANGUAGE_NAMES[v]
+                                                       for k, v in fields.items()}))
+    for text in texts:
+        ids = vocab.encode(text)
+        assert vocab.unk_id not in ids, text
         assert vocab.decode(ids) == text
 
 
