@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?= -n 2 -m "not slow"
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo study-tiny test test-all bench clean
 
 $(STAMP): setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,14 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
+# The project's main job in miniature: pretrain two tiny models, finetune them by FMT, LoRA and
+# prompt tuning over a small grid, fit the scaling laws and write the report (under 10 minutes).
 demo: $(STAMP)
-	$(BIN)/python -m ul2_lm.train --config=configs/tiny_ul2.py --workdir=$(DEMO_DIR)
-	@echo "Run record: $(DEMO_DIR)/record.json; TensorBoard summaries: $(DEMO_DIR)/tensorboard"
+	$(BIN)/python -m scaling.study --config=configs/studies/demo.py --workdir=$(DEMO_DIR)
+
+# The full miniature of the paper (three sizes, two seeds; under 30 minutes on two cores).
+study-tiny: $(STAMP)
+	$(BIN)/python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

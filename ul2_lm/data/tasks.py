@@ -4,7 +4,8 @@ Task names (`config.data.task`):
 - `ul2_embedded_ende`: the embedded bilingual corpus (xen and xde documents mixed).
 - `ul2_textfiles`: the user's text files, one document per line (`config.data.text_files`:
   paths or globs, comma-separated or a list).
-- `ul2_wiki40b_ende`: TFDS Wiki-40B English and German, interleaved half and half.
+- `ul2_wiki40b_ende`, `ul2_wiki40b_enzh`: TFDS Wiki-40B English and German (or Chinese),
+  interleaved half and half.
 - `ul2_tfds`: any TFDS text dataset(s) (`config.data.tfds.name`, comma-separated to mix).
 
 `examples()` turns a source's documents into UL2 (inputs, targets) pairs; the seqio task and
@@ -59,10 +60,12 @@ def _text_files(data):
     return sources_lib.TextFilesSource(patterns if isinstance(patterns, str) else list(patterns))
 
 
-def _wiki40b(data):
-    return sources_lib.InterleavedSource([
-        sources_lib.TfdsSource(f"wiki40b/{lang}:1.3.0", data_dir=_tfds_data_dir(data),
-                               clean=sources_lib.clean_wiki40b) for lang in ("en", "de")])
+def _wiki40b(*langs):
+    def make(data):
+        return sources_lib.InterleavedSource([
+            sources_lib.TfdsSource(f"wiki40b/{lang}:1.3.0", data_dir=_tfds_data_dir(data),
+                                   clean=sources_lib.clean_wiki40b) for lang in langs])
+    return make
 
 
 def _tfds(data):
@@ -89,7 +92,8 @@ class TaskSpec:
 TASKS = {t.name: t for t in [
     TaskSpec("ul2_embedded_ende", _embedded),
     TaskSpec("ul2_textfiles", _text_files),
-    TaskSpec("ul2_wiki40b_ende", _wiki40b),
+    TaskSpec("ul2_wiki40b_ende", _wiki40b("en", "de")),
+    TaskSpec("ul2_wiki40b_enzh", _wiki40b("en", "zh-cn")),
     TaskSpec("ul2_tfds", _tfds),
 ]}
 

@@ -1,0 +1,27 @@
+"""The smallest study that still shows the whole report (what `make demo` runs): two tiny
+sizes, one extra pretraining checkpoint, three finetuning-data sizes, one seed, all three
+methods. Under ten minutes on two CPU cores.
+
+python -m scaling.study --config=configs/studies/demo.py --workdir=runs/demo
+"""
+
+from pathlib import Path
+
+from scaling.study import load_config_file
+
+
+def get_config():
+    s = load_config_file(Path(__file__).with_name("tiny.py"))
+    s.name = "demo"
+    s.pretrain.sizes = {"xs": s.pretrain.sizes["xs"].to_dict(), "m": s.pretrain.sizes["m"].to_dict()}
+    s.pretrain.num_steps = 120
+    s.pretrain.checkpoints = (60,)
+    s.finetune.data_sizes = (50, 150, 400)
+    s.finetune.pet_sizes = {"lora": (1, 4), "prompt": (5, 20)}
+    s.finetune.seeds = (0,)
+    s.finetune.overrides.train.num_steps = 30
+    s.finetune.overrides.train.eval_every_steps = 15
+    s.finetune.overrides.checkpoint.every_steps = 15
+    s.heldout = dict(finetune_examples="max")
+    s.fit.bootstrap = 50
+    return s

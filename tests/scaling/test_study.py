@@ -1,0 +1,179 @@
+"""The study runner: the grid it plans, its checks, and a miniature study end to end (killed,
+resumed, failed runs, the report)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from scaling import executors, records, study as study_lib
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def micro_study(**changes):
+    """Two very small model sizes, LoRA and FMT, three data sizes: about two minutes on CPU."""
+    s = study_lib.load_config_file(REPO / "configs/studies/tiny.py")
+    s.name = "micro"
+    small = dict(size="tiny", num_layers=1, d_model=32, num_heads=1, mlp_dim=64)
+    s.pretrain.sizes = {"a": small, "b": dict(small, num_layers=2, d_model=64, num_heads=2)}
+    s.pretrain.anchor_size = "b"
+    s.pretrain.num_steps = 8
+    s.pretrain.checkpoints = (4,)
+    data = {"seq_len": 64, "vocab": {"size": 512, "sample_documents": 2000},
+            "num_eval_batches": 1}
+    s.pretrain.overrides = {"data": data, "train": {"eval_every_steps": 4, "log_every_steps": 4,
+                                                    "global_batch_size": 8},
+                            "optim": {"warmup_steps": 1}}
+    s.finetune.methods = ("fmt", "lora")
+    s.finetune.data_sizes = (16, 32, 64)
+    s.finetune.pet_sizes = {"lora": (2, 4)}
+    s.finetune.seeds = (0,)
+    s.finetune.overrides = {
+        "data": data,
+        "train": {"num_steps": 4, "global_batch_size": 8, "eval_every_steps": 2,
+                  "log_every_steps": 2},
+        "finetune": {"num_epochs": None},
+        "checkpoint": {"every_steps": 2},
+        "optim": {"warmup_steps": 1},
+        "evaluation": {"num_generate_examples": 0, "zero_shot_tasks": (), "few_shot": ()},
+    }
+    s.heldout = dict(finetune_examples="max")
+    s.fit = dict(laws=("multiplicative", "additive"), preset="paper", bootstrap=0, seed=0)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        s[section][name] = value
+    return s
+
+
+def test_the_grid_sweeps_each_factor_around_the_anchor():
+    s = study_lib.parse(micro_study())
+    specs = study_lib.plan(s, "/study")
+    ids = [x.run_id for x in specs]
+    assert len(ids) == len(set(ids))
+    assert ids[:2] == ["pretrain/a", "pretrain/b"]
+    points = s.points()
+    # model size: 2 sizes x 3 data sizes, per method; pretraining data: one more checkpoint of
+    # the anchor; PET size: one more LoRA rank (4 is LoRA's default, already in the grid).
+    assert len([p for p in points if p.method == "fmt"]) == 2 * 3 + 3
+    assert len([p for p in points if p.method == "lora"]) == 2 * 3 + 3 + 3
+    for spec in specs[2:]:
+        base = spec.depends_on[0]
+        assert spec.config["finetune"]["base_workdir"] == f"/study/runs/{base}"
+        assert spec.workdir == f"/study/runs/{spec.run_id}"
+        assert ids.index(base) < ids.index(spec.run_id)
+    anchor = next(x for x in specs if x.run_id == "pretrain/b").config["checkpoint"]
+    assert anchor["every_steps"] == 4 and anchor["keep_last"] >= 2
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(heldout=dict(finetune_examples=48)), "heldout.finetune_examples"),
+    (dict(heldout=dict(model_size="c")), "heldout.model_size"),
+    (dict(heldout=dict(pretrain_step=5)), "heldout.pretrain_step"),
+])
+def test_a_held_out_value_outside_the_grid_is_named(changes, key):
+    s = micro_study()
+    for section, value in changes.items():
+        s[section] = value
+    with pytest.raises(study_lib.StudyError, match=f"study.{key}"):
+        study_lib.parse(s)
+
+
+def test_an_unknown_method_is_named():
+    with pytest.raises(study_lib.StudyError, match="study.finetune.methods.*'adapter'"):
+        study_lib.parse(micro_study(finetune__methods=("fmt", "adapter")))
+
+
+def test_a_bad_override_is_named_before_any_run():
+    s = micro_study()
+    s.finetune.overrides = {"train": {"num_stepz": 3}}
+    with pytest.raises(study_lib.StudyError, match="num_stepz"):
+        study_lib.plan(study_lib.parse(s), "/study")
+
+
+@pytest.mark.parametrize("name", ["paper_wmt14_ende", "paper_wmt19_enzh", "paper_mlsum"])
+def test_planning_a_paper_study_lists_runs_hours_and_commands(name, capsys):
+    from absl import flags
+
+    s = study_lib.parse(study_lib.load_config_file(REPO / f"configs/studies/{name}.py"))
+    specs = study_lib.plan(s, "gs://bucket/study")
+    study_lib.validate_runs(specs, num_devices=64)
+    text = study_lib.describe_plan(s, specs)
+    assert f"{len(specs)} runs" in text and "accelerator-hours" in text
+    sizes = {x.config["model"]["size"] for x in specs}
+    assert sizes == {"1b", "2b", "4b", "8b", "16b"}
+    lora = [x for x in specs if x.run_id.startswith("finetune/lora/1b/")]
+    assert {x.config["finetune"]["lora"]["rank"] for x in lora} == {4, 8, 16, 32, 48, 64, 128}
+    assert {x.config["data"]["finetune"]["subset_seed"] for x in lora} == {0, 1, 2}
+    first = next(x for x in specs if x.kind == "finetune")
+    assert (f"python -m ul2_lm.train --config=configs/from_json.py:{first.workdir}/"
+            f"run_config.json --workdir={first.workdir}") in text
+    assert first.config["data"]["vocab"]["path"] == f"{first.config['finetune']['base_workdir']}/vocab.model"
+
+
+def run_study(config, workdir, runner=study_lib.in_process_runner, retry_failed=False):
+    s = study_lib.parse(config)
+    specs = study_lib.plan(s, str(workdir))
+    status = study_lib.execute(s, specs, Path(workdir),
+                               executors.SequentialExecutor(runner), retry_failed=retry_failed,
+                               log=lambda m: None)
+    return study_lib.fit_and_report(s, Path(workdir), status, log=lambda m: None), status
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    report, status = run_study(micro_study(), workdir)
+    return workdir, report, status
+
+
+def test_a_study_runs_fits_and_reports(finished_study):
+    workdir, report, status = finished_study
+    assert all(v["status"] == "finished" for v in status.values())
+    text = report.read_text()
+    assert "## Which method for which data budget" in text
+    assert "| fmt |" in text or "fmt" in text
+    fit = json.loads((workdir / "fit" / "fit.json").read_text())
+    assert {r["method"] for r in fit["results"]} == {"fmt", "lora"}
+    assert {r["law"] for r in fit["results"]} == {"multiplicative", "additive"}
+    assert list((workdir / "fit" / "figures").glob("fits_*.png"))
+    # Self-describing: the results directory alone refits.
+    from scaling import fit as fit_lib
+
+    assert fit_lib.main(["--from", str(workdir / "fit"), "--out", str(workdir / "refit"),
+                         "--no_plots"]) == 0
+
+
+def test_running_a_finished_study_again_redoes_nothing(finished_study):
+    workdir, report, _ = finished_study
+    before = report.read_text()
+
+    def must_not_run(spec):
+        raise AssertionError(f"{spec.run_id} ran again")
+
+    again, status = run_study(micro_study(), workdir, runner=must_not_run)
+    assert again.read_text() == before
+
+
+def test_a_failed_run_is_recorded_and_left_out_of_the_fit(finished_study, tmp_path):
+    source, _, _ = finished_study
+    workdir = tmp_path / "study"
+    shutil.copytree(source, workdir)
+    victim = "finetune/lora/b/step8/r2/n32/seed0"
+    shutil.rmtree(workdir / "runs" / victim)
+
+    def failing(spec):
+        if spec.run_id == victim:
+            raise ValueError("bad data: the shard is empty")
+        study_lib.in_process_runner(spec)
+
+    report, status = run_study(micro_study(), workdir, runner=failing)
+    assert status[victim] == {"status": "failed", "reason": "ValueError: bad data: the shard is empty"}
+    record = json.loads((workdir / "runs" / victim / "record.json").read_text())
+    assert record["status"] == "failed"
+    text = report.read_text()
+    assert victim in text and "left out of the fit" in text
+    collection = records.collect(workdir / "runs")
+    assert any(victim in path for path, _ in collection.skipped)
