@@ -82,6 +82,11 @@ def _anchor(text: str | None) -> dict | None:
     return {c: v[0] for c, v in spec.items()}
 
 
+def _for_method(value, method: str):
+    """A setting given per method ({method: value}, e.g. a study's anchors) or for all."""
+    return value.get(method) if isinstance(value, dict) else value
+
+
 def _heldout_spec(text: str) -> dict | None:
     if text == "paper":
         return None  # procedures.plan uses heldout.paper(task)
@@ -105,16 +110,27 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
     plans: dict[tuple[str, str, str], procedures.Plan] = {}
     draws: dict[tuple[str, str, str], bootstrap.Draws] = {}
     out_results = []
+    not_fitted: list[dict[str, str]] = []
     for task in dict.fromkeys(tab["task"]):
         for method in dict.fromkeys(tab["method"][tab["task"] == task]):
             sub = records.select(tab, task=task, method=method)
             for law in law_names:
                 key = (task, method, law)
-                p = procedures.plan(sub, law, target=settings["target"], factors=factors,
-                                    heldout_spec=_heldout_spec(settings["heldout"]),
-                                    anchor=_anchor(settings["anchor"]))
-                print(f"fitting {task} {method} {law} ({len(sub)} runs)", file=sys.stderr)
-                r = procedures.run(p, config)
+                try:
+                    p = procedures.plan(sub, law, target=settings["target"], factors=factors,
+                                        heldout_spec=_heldout_spec(settings["heldout"]),
+                                        anchor=_anchor(_for_method(settings["anchor"],
+                                                                   method)))
+                    print(f"fitting {task} {method} {law} ({len(sub)} runs)", file=sys.stderr)
+                    r = procedures.run(p, config)
+                except ValueError as e:
+                    # Too few points for one method or law: fit the others, and say why not.
+                    if not settings.get("keep_going"):
+                        raise
+                    print(f"not fitted: {task} {method} {law}: {e}", file=sys.stderr)
+                    not_fitted.append({"task": task, "method": method, "law": law,
+                                       "reason": str(e)})
+                    continue
                 results[key], plans[key] = r, p
                 entry = r.to_json()
                 if settings["bootstrap"] > 0:
@@ -138,10 +154,11 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
     curves = _curves(tab, settings, config, out)
     doc = {"settings": settings, "config": config.to_json(),
            "skipped": [{"path": p, "reason": r} for p, r in skipped],
-           "results": out_results, "critical": crit, "curves": curves}
+           "results": out_results, "not_fitted": not_fitted, "critical": crit,
+           "curves": curves}
     (out / "fit.json").write_text(dumps(fitting._jsonable(doc)) + "\n")
     (out / "summary.md").write_text(_summary(results, draws, crit, curves, skipped, settings,
-                                             config))
+                                             config, not_fitted))
     return doc
 
 
@@ -277,7 +294,7 @@ def _curve_title(key: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _summary(results, draws, crit, curves, skipped, settings, config) -> str:
+def _summary(results, draws, crit, curves, skipped, settings, config, not_fitted=()) -> str:
     parts = ["# Scaling-law fits", "",
              f"Preset `{config.name}` (Huber delta {config.delta:g} summed, residuals on "
              f"{'raw' if config.residual == 'raw' else 'log'} loss), target `{settings['target']}`,"
@@ -285,6 +302,8 @@ def _summary(results, draws, crit, curves, skipped, settings, config) -> str:
     parts += [f"Runs: {len(skipped)} skipped." if skipped else "Runs: none skipped.", ""]
     for p, r in skipped:
         parts.append(f"- skipped `{p}`: {r}")
+    for f in not_fitted:
+        parts.append(f"- not fitted: {f['task']} {f['method']} {f['law']}: {f['reason']}")
     parts += ["", "## Held-out errors (paper Table 2 layout: Delta_e / Delta_h)", "",
               report.table2(results), ""]
     for law in dict.fromkeys(k[2] for k in results):

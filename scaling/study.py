@@ -535,10 +535,14 @@ def fit_settings(study: Study) -> dict[str, Any]:
     fit = study.config.fit
     anchor = (f"model_params={_model_params(study, study.anchor_size)},"
               f"pretrain_tokens={_tokens_at(study, study.pretrain_steps):.10g}")
+    # Every sweep passes through the anchor: the anchor size's last checkpoint and each
+    # method's default PET size.
+    anchor = {m: anchor + (f",pet_size={study.default_pet[m]}" if m in study.default_pet else "")
+              for m in study.methods}
     return {**fit_lib.DEFAULTS, "law": ",".join(fit.laws), "preset": fit.preset,
             "heldout": ",".join(parts) or "none", "bootstrap": int(fit.bootstrap),
             "seed": int(fit.get("seed", 0)), "target": fit.get("target", "test_loss"),
-            "anchor": anchor, "curve_law": fit.get("curve_law")}
+            "anchor": anchor, "curve_law": fit.get("curve_law"), "keep_going": True}
 
 
 def fit_and_report(study: Study, workdir: Path, status: Mapping[str, Any], log=print
@@ -549,13 +553,15 @@ def fit_and_report(study: Study, workdir: Path, status: Mapping[str, Any], log=p
     out = workdir / "fit"
     try:
         collection = records.collect(workdir / "runs")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         report = workdir / "REPORT.md"
         report.write_text(f"# Study {study.name}\n\nNothing to fit yet: {e}\n")
         return report
     settings = fit_settings(study)
     log(collection.skip_report())
-    doc = fit_lib.run(settings, collection.table, out, collection.skipped)
+    # Paths relative to the study: the report does not change when the directory moves.
+    skipped = [(os.path.relpath(path, workdir), reason) for path, reason in collection.skipped]
+    doc = fit_lib.run(settings, collection.table, out, skipped)
     report = workdir / "REPORT.md"
     report.write_text(_report(study, doc, status, collection, out))
     return report
@@ -609,6 +615,8 @@ def _report(study: Study, doc, status, collection, out: Path) -> str:
            else "No run failed."),
     ]
     parts += [f"- `{k}`: {v['reason']}" for k, v in failed.items()]
+    for f in doc.get("not_fitted", []):
+        parts.append(f"- not fitted: {f['method']} ({f['law']} law): {f['reason']}")
     parts += ["", "## Which method for which data budget", "",
               f"For the {study.anchor_size} model, by the multiplicative joint laws fitted "
               "per method (model-size factor):", ""]
@@ -626,8 +634,12 @@ def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from absl import logging as absl_logging
+
     del argv
     FLAGS = flags.FLAGS
+    # Orbax and JAX log every checkpoint step at INFO through absl; the study's own lines say enough.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     study = parse(FLAGS.config)
@@ -664,6 +676,9 @@ def main(argv=None) -> int:
                 for s in specs]})
         status = execute(study, specs, local, executor, retry_failed=FLAGS.retry_failed,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        if getattr(executor, "dry_run", False):
+            print("dry run: nothing ran, nothing to fit")
+            return 0
         report = fit_and_report(study, local, status,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"report: {report}")

@@ -30,9 +30,11 @@ import numpy as np
 from flax import nnx
 
 import petuning
-from ul2_lm import checkpointing, model as model_lib, model_sizes, record as record_lib
-from ul2_lm import train_state
+from ul2_lm import checkpointing, logging_utils, model as model_lib, model_sizes
+from ul2_lm import record as record_lib, train_state
 from ul2_lm.config import ConfigError
+
+log = logging_utils.log
 
 # The shape fields a base checkpoint and a finetuning run must agree on.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -278,12 +280,17 @@ class Finetune:
             raise checkpointing.IncompatibleCheckpointError(
                 f"checkpoint {checkpoint_dir} names no base run: it was not written by a "
                 "finetuning run")
-        if int(saved["step"]) != self.base.step or Path(saved["workdir"]) != self.base.workdir:
+        if int(saved["step"]) != self.base.step:
             raise checkpointing.IncompatibleCheckpointError(
                 f"checkpoint {checkpoint_dir} was trained on the base {saved['workdir']} step "
                 f"{saved['step']}, but config.finetune names {self.base.workdir} step "
                 f"{self.base.step}; finetune into another workdir, or point config.finetune."
                 "base_workdir / base_step back at its base")
+        if Path(saved["workdir"]) != self.base.workdir:
+            # A moved or copied study: the base's fingerprint, not its path, decides.
+            log.warning("checkpoint %s names its base as %s; using %s (its parameters are "
+                        "checked against the base's fingerprint)", checkpoint_dir,
+                        saved["workdir"], self.base.workdir)
 
     def check_fingerprint(self, metadata: Mapping[str, Any], loaded: Mapping[str, Any],
                           checkpoint_dir: Path) -> None:

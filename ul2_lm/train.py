@@ -183,6 +183,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         state, frozen, metadata = restore_run(setup, ckpt)
         data_state = metadata["data_state"][jax.process_index()]
         base_metadata = metadata.get("base")
+        if ft is not None and base_metadata is not None:
+            base_metadata = {**base_metadata, "workdir": str(ft.base.workdir)}
         restored_step = int(state.step)
         log.info("resumed from step %d in %s", restored_step, ckpt.directory)
         if record is not None:

@@ -1,5 +1,5 @@
 """The smallest study that still shows the whole report (what `make demo` runs): two tiny
-sizes, one extra pretraining checkpoint, three finetuning-data sizes, one seed, all three
+sizes, one extra pretraining checkpoint, four finetuning-data sizes, one seed, all three
 methods. Under ten minutes on two CPU cores.
 
 python -m scaling.study --config=configs/studies/demo.py --workdir=runs/demo
@@ -14,9 +14,9 @@ def get_config():
     s = load_config_file(Path(__file__).with_name("tiny.py"))
     s.name = "demo"
     s.pretrain.sizes = {"xs": s.pretrain.sizes["xs"].to_dict(), "m": s.pretrain.sizes["m"].to_dict()}
-    s.pretrain.num_steps = 120
-    s.pretrain.checkpoints = (60,)
-    s.finetune.data_sizes = (50, 150, 400)
+    s.pretrain.num_steps = 100
+    s.pretrain.checkpoints = (50,)
+    s.finetune.data_sizes = (50, 100, 200, 400)
     s.finetune.pet_sizes = {"lora": (1, 4), "prompt": (5, 20)}
     s.finetune.seeds = (0,)
     s.finetune.overrides.train.num_steps = 30

@@ -177,3 +177,61 @@ def test_a_failed_run_is_recorded_and_left_out_of_the_fit(finished_study, tmp_pa
     assert victim in text and "left out of the fit" in text
     collection = records.collect(workdir / "runs")
     assert any(victim in path for path, _ in collection.skipped)
+
+
+def test_a_killed_study_resumes_to_the_same_report(finished_study, tmp_path):
+    from ul2_lm import record as record_lib
+
+    source, report, _ = finished_study
+    workdir = tmp_path / "study"
+    shutil.copytree(source, workdir)
+    # As after a kill: one run stopped after its first checkpoint (its record covers it), one
+    # never started, and no fit or report yet.
+    stopped = workdir / "runs" / "finetune/lora/b/step8/r4/n64/seed0"
+    shutil.rmtree(stopped / "checkpoints" / "4")
+    record_lib.write(stopped, record_lib.truncate_to_step(record_lib.read(stopped), 2))
+    shutil.rmtree(workdir / "runs" / "finetune/fmt/a/step8/full/n16/seed0")
+    shutil.rmtree(workdir / "fit")
+    (workdir / "REPORT.md").unlink()
+    ran = []
+
+    def runner(spec):
+        ran.append(spec.run_id)
+        study_lib.in_process_runner(spec)
+
+    again, status = run_study(micro_study(), workdir, runner=runner)
+    assert sorted(ran) == ["finetune/fmt/a/step8/full/n16/seed0",
+                           "finetune/lora/b/step8/r4/n64/seed0"]
+    assert again.read_text() == report.read_text()
+
+
+def study_cli(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "scaling.study", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_gcloud_executor_dry_run_prints_its_commands_and_runs_nothing(tmp_path):
+    out = study_cli("--config=configs/studies/demo.py", f"--workdir={tmp_path}",
+                    "--executor=gcloud", "--dry_run", "--gcloud_project=my-project",
+                    "--gcloud_zone=us-central2-b", "--accelerator_type=v4-8",
+                    "--bucket=my-bucket")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "gcloud compute tpus tpu-vm create" in text and "--accelerator-type=v4-8" in text
+    assert "tpu-vm delete" in text and "--worker=all" in text
+    assert not list((tmp_path / "runs").rglob("record.json"))
+    assert json.loads((tmp_path / "status.json").read_text()) == {}
+
+
+def test_a_malformed_zone_stops_the_study_before_any_run(tmp_path):
+    out = study_cli("--config=configs/studies/demo.py", f"--workdir={tmp_path}",
+                    "--executor=gcloud", "--gcloud_project=my-project",
+                    "--gcloud_zone=moon base 1", "--accelerator_type=v4-8", "--bucket=b")
+    assert out.returncode != 0
+    assert "moon base 1" in out.stderr
+    assert not (tmp_path / "runs").exists()
