@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
-PYTEST_ARGS ?= -n 2 -m "not slow"
+PYTEST_ARGS ?= -n 2 --dist loadfile -m "not slow"
 
 .PHONY: demo study-tiny test test-all bench clean
 

@@ -78,8 +78,11 @@ def test_the_default_and_shipped_configs_are_valid():
         config_lib.validate(config_lib.paper_pretraining(size), num_devices=64)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs")
-                                         .glob("*.py")), ids=lambda p: p.name)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.py") if p.name != "from_json.py"),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_file_is_valid(path):
     config = config_flags_load(path)
     devices = 64 if path.name[0].isdigit() else 8
@@ -91,13 +94,25 @@ def test_every_shipped_config_file_is_valid(path):
         assert (config.finetune.lora.rank, config.finetune.prompt.length) == (4, 100)
 
 
-def config_flags_load(path):
+def config_flags_load(path, *args):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
+
+
+def test_a_config_written_as_json_loads_back_identical(tmp_path):
+    """A study writes each run's config as JSON; configs/from_json.py must read it back whole."""
+    config = config_flags_load(CONFIGS / "tiny_lora.py")
+    path = tmp_path / "run_config.json"
+    path.write_text(config.to_json())
+    loaded = config_flags_load(CONFIGS / "from_json.py", str(path))
+    assert loaded.to_json() == config.to_json()  # JSON turns tuples into lists; nothing else
+    config_lib.validate(loaded, num_devices=8)
+    with pytest.raises(ValueError, match="needs a path"):
+        config_flags_load(CONFIGS / "from_json.py", "")
 
 
 @pytest.mark.parametrize("changes, key", [

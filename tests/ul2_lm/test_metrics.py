@@ -87,7 +87,7 @@ def test_bleurt_is_skipped_with_instructions_instead_of_failing(tmp_path):
     assert "bleurt" not in result
     note = result["skipped"]["bleurt"]
     assert "pip install git+https://github.com/google-research/bleurt" in note
-    assert "config.eval.bleurt_checkpoint" in note
+    assert "config.evaluation.bleurt_checkpoint" in note
 
     missing = str(tmp_path / "no_such_checkpoint")
     assert missing in metrics.generation_metrics("translation", SENTENCES, SENTENCES,
