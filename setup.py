@@ -26,6 +26,10 @@ DATA = [
 # Generation metrics (BLEU, chrF, ROUGE-L); BLEURT is optional and installed by hand.
 EVAL = ["sacrebleu>=2.4", "rouge-score>=0.1.2"]
 
+# Workdirs on gs:// (TPU pods): tensorboardX writes event files there through this; records and
+# the vocabulary go through etils.epath (tf.io.gfile, from DATA); orbax writes checkpoints itself.
+GCS = ["google-cloud-storage>=2.10"]
+
 setuptools.setup(
     name="ul2-lm",
     version="0.1.0",
@@ -37,7 +41,8 @@ setuptools.setup(
         "data": DATA,
         "eval": EVAL,
         "test": DATA + EVAL + ["pytest>=8", "pytest-xdist>=3.5"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2", *GCS],
+        "gcs": GCS,
         "gpu": ["jax[cuda12]>=0.10.2"],
     },
 )

@@ -53,7 +53,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from scaling.runspec import CONFIG_LOADER, REPO, Outcome, RunSpec
+from scaling.runspec import CONFIG_LOADER, REPO, Outcome, RunSpec, join
+
+RECORD_NAME = "record.json"  # ul2_lm.record's file name (not imported: this module needs no JAX)
 
 log = logging.getLogger(__name__)
 
@@ -522,6 +524,13 @@ class GcloudTPUExecutor(Executor):
     the study is rewritten to that run's bucket workdir (a local base outside the study is an
     error). NAME is `name_prefix` plus a hash of the slice's run ids.
 
+    Records: the study decides what to skip, and fits, from the records in the local workdirs.
+    So after each run its record comes back (`gsutil -q cat WORKDIR/record.json`, written into
+    the local workdir; a run whose record cannot be fetched counts as failed, with the reason),
+    and `run` starts by copying every record already in the bucket into the local workdirs
+    (`gsutil -m rsync` of record.json files only): a study stopped mid-way resumes where its
+    runs got to, not where the laptop last heard of them.
+
     dry_run=True (the default) issues nothing: every command counts as succeeded, and each run's
     Outcome is ok with reason DRY_RUN_REASON (not to be recorded as finished). Otherwise each
     command goes through `runner(argv, input=..., capture_output=True, text=True)` (subprocess.run,
@@ -596,6 +605,38 @@ class GcloudTPUExecutor(Executor):
         if spec.workdir.startswith("gs://"):
             return spec.workdir
         return f"{self.bucket_url}/runs/{spec.run_id}"
+
+    def fetch_record_command(self, remote: RunSpec) -> list[str]:
+        return ["gsutil", "-q", "cat", join(remote.workdir, RECORD_NAME)]
+
+    def sync_records_command(self, local_root: str) -> list[str]:
+        """Every record.json under the bucket's runs/ into the local runs directory."""
+        return ["gsutil", "-m", "-q", "rsync", "-r", "-x", r"^(?!(.*/)?record\.json$).*",
+                f"{self.bucket_url}/runs", local_root]
+
+    def _sync_records(self, specs: Sequence[RunSpec]) -> None:
+        """Brings the bucket's records of `specs` (local workdirs runs/<run_id>) home."""
+        roots = {s.workdir[:-len(s.run_id)].rstrip("/") for s in specs
+                 if not s.workdir.startswith("gs://") and s.workdir.endswith("/" + s.run_id)}
+        for root in sorted(roots):
+            result = self._issue(self.sync_records_command(root))
+            if result.returncode:  # Nothing in the bucket yet, or no access: runs will tell.
+                log.warning("could not fetch earlier records from %s/runs (%s); runs without "
+                            "a local record run again", self.bucket_url, result.reason())
+
+    def _fetch_record(self, remote: RunSpec) -> str | None:
+        """Writes `remote`'s record into its local workdir; returns why it could not, or None."""
+        local = self._local_workdirs.get(remote.run_id)
+        if local is None or self.dry_run:
+            return None
+        result = self._issue(self.fetch_record_command(remote))
+        if result.returncode:
+            return (f"finished on the slice, but fetching its record failed: {result.reason()}; "
+                    "running the study again fetches it")
+        from ul2_lm import paths  # etils only: no JAX import.
+
+        paths.write_text_atomic(join(local, RECORD_NAME), result.stdout)
+        return None
 
     def remote_spec(self, spec: RunSpec) -> RunSpec:
         """The spec as the workers see it: bucket workdir, base workdir rewritten."""
@@ -677,12 +718,17 @@ class GcloudTPUExecutor(Executor):
 
     def run(self, specs: Sequence[RunSpec], done: Done, skip: Skip | None = None) -> None:
         self.validate()
-        ledger = _Ledger(specs, skip)
         self._stop.clear()
         self._remote_workdirs = {_local_key(s.workdir): self.remote_workdir(s)
                                  for s in specs if not s.workdir.startswith("gs://")}
+        self._local_workdirs = {s.run_id: s.workdir for s in specs
+                                if not s.workdir.startswith("gs://")}
+        # Malformed specs and bad bases fail here, before anything is issued.
+        _Ledger(specs, None)
+        remote = {s.run_id: self.remote_spec(s) for s in specs}
+        self._sync_records(specs)
+        ledger = _Ledger(specs, skip)
         todo = [s for s in specs if s.run_id not in ledger.skipped]
-        remote = {s.run_id: self.remote_spec(s) for s in todo}  # Bad bases fail here, early.
         if not todo:
             return
         archive = self.repo_archive
@@ -795,9 +841,9 @@ class GcloudTPUExecutor(Executor):
                     result = self._issue(self.ssh_command(name, self.run_script(spec)))
                     seconds = time.monotonic() - start
                     reason = (result.reason() if result.returncode
-                              else DRY_RUN_REASON if self.dry_run else None)
-                    report(Outcome(spec.run_id, ok=not result.returncode, seconds=seconds,
-                                   reason=reason))
+                              else DRY_RUN_REASON if self.dry_run else self._fetch_record(spec))
+                    report(Outcome(spec.run_id, ok=reason in (None, DRY_RUN_REASON),
+                                   seconds=seconds, reason=reason))
             finally:
                 deleted = self._issue(self.delete_command(name))
                 if deleted.returncode:

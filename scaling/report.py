@@ -56,7 +56,7 @@ def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
     params = {c: results[c].parameters() for c in cols}
     names = [n for n in PARAM_ORDER if any(n in p for p in params.values())]
     names += sorted({n for p in params.values() for n in p} - set(names))
-    rows = []
+    rows, outside = [], False
     for n in names:
         cells = []
         for c in cols:
@@ -65,9 +65,18 @@ def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
             iv = (intervals or {}).get(c, {}).get(n)
             if v is not None and iv is not None:
                 cell += f" [{fmt(iv[0])}, {fmt(iv[1])}]"
+                if not iv[0] <= v <= iv[1]:  # NaN bounds compare False too: flagged.
+                    cell += " †"
+                    outside = True
             cells.append(cell)
         rows.append([n] + cells)
-    return _table(["param"] + [f"{t} {m}" for t, m in cols], rows)
+    text = _table(["param"] + [f"{t} {m}" for t, m in cols], rows)
+    if outside:
+        text += ("\n\n† The estimate lies outside its bootstrap interval: the refits of resampled "
+                 "data differ systematically from the fit of all of it (few configurations, or "
+                 "draws that end at a parameter bound), so that interval says little; more "
+                 "configurations or seeds narrow it.")
+    return text
 
 
 def certification(results: Mapping[Any, procedures.ProcedureResult]) -> str:

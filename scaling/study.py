@@ -28,6 +28,7 @@ import dataclasses
 import fcntl
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -355,7 +356,10 @@ def run_status(spec: RunSpec) -> str | None:
 
     try:
         record = record_lib.read(spec.workdir)
-    except (ValueError, OSError):
+    except Exception as e:  # noqa: BLE001 (half-written, another version, a bucket unreachable)
+        logging.getLogger("scaling.study").warning("cannot read the record of %s (%s: %s); it "
+                                                   "counts as not started", spec.run_id,
+                                                   type(e).__name__, e)
         return None
     return None if record is None else record.get("status")
 
@@ -649,6 +653,11 @@ def main(argv=None) -> int:
         validate_runs(specs)
         print(describe_plan(study, specs, peak_flops=FLAGS.peak_tflops * 1e12, mfu=FLAGS.mfu))
         return 0
+    if "://" in workdir:
+        raise app.UsageError(
+            f"--workdir={workdir}: a study's own directory (its lock, status, records and "
+            "report) must be local; the runs go to a bucket with --executor=gcloud "
+            "--bucket=gs://...")
     from scaling import executors
 
     if FLAGS.executor != "local":
@@ -661,7 +670,8 @@ def main(argv=None) -> int:
                    "accelerator_type": FLAGS.accelerator_type,
                    "runtime_version": FLAGS.runtime_version, "bucket": FLAGS.bucket,
                    "name_prefix": FLAGS.name_prefix, "dry_run": FLAGS.dry_run,
-                   "runs_per_slice": FLAGS.runs_per_slice, "max_slices": FLAGS.max_slices},
+                   "runs_per_slice": FLAGS.runs_per_slice, "max_slices": FLAGS.max_slices,
+                   "remote_python": FLAGS.remote_python},
     }[FLAGS.executor]
     executor = executors.make_executor(FLAGS.executor, **options)
     if hasattr(executor, "validate"):
@@ -708,6 +718,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "gcloud: print the commands, issue nothing.")
     flags.DEFINE_integer("runs_per_slice", 1, "gcloud: runs sharing one slice, one after another.")
     flags.DEFINE_integer("max_slices", 1, "gcloud: slices that exist at once.")
+    flags.DEFINE_string("remote_python", "python3", "gcloud: the workers' Python (3.11 or newer, "
+                        "as setup.py requires; name another interpreter where the image's "
+                        "python3 is older).")
     flags.DEFINE_bool("retry_failed", False, "Run failed runs again.")
     flags.DEFINE_float("peak_tflops", 275.0, "Peak bf16 TFLOP/s per chip for --plan "
                        "(TPU v4: 275).")

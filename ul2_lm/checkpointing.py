@@ -24,13 +24,15 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from ul2_lm import paths
 
 log = logging.getLogger("ul2_lm.checkpointing")
 
@@ -154,7 +156,7 @@ class CheckpointManager:
         def pick(value, key, default):
             return _setting(config, key, default) if value is None else value
 
-        self.directory = Path(directory).absolute()
+        self.directory = paths.as_path(directory)
         self.keep_last = int(pick(keep_last, "keep_last", 2))
         self.keep_best = int(pick(keep_best, "keep_best", 1))
         self.best_metric = pick(best_metric, "best_metric", "dev_loss")
@@ -369,7 +371,8 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_compatible(step_dir: Path, stored: Mapping[str, Any], wanted: Mapping[str, Any]):
+def _check_compatible(step_dir: epath.Path, stored: Mapping[str, Any],
+                      wanted: Mapping[str, Any]):
     for path, target in wanted.items():
         if path not in stored:
             raise IncompatibleCheckpointError(
@@ -393,7 +396,7 @@ def _check_compatible(step_dir: Path, stored: Mapping[str, Any], wanted: Mapping
 def committed_steps(directory: str | os.PathLike) -> list[int]:
     """The committed steps under a run's checkpoint directory, oldest first, read without
     creating or changing anything (a missing directory has none)."""
-    directory = Path(directory)
+    directory = paths.as_path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir()
@@ -409,7 +412,7 @@ def restore_subtree(directory: str | os.PathLike, key: str, abstract: Any,
     ShapeDtypeStructs with shardings) says the shapes and placement; the stored `key` subtree
     must match it exactly, or IncompatibleCheckpointError names the first differing path.
     """
-    directory = Path(directory).absolute()
+    directory = paths.as_path(directory)
     steps = committed_steps(directory)
     if not steps:
         raise CheckpointError(f"{directory}: no committed checkpoint")

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from etils import epath
 from typing import Any
 
 import jax
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 import petuning
-from ul2_lm import checkpointing, logging_utils, model as model_lib, model_sizes
+from ul2_lm import checkpointing, logging_utils, model as model_lib, model_sizes, paths
 from ul2_lm import record as record_lib, train_state
 from ul2_lm.config import ConfigError
 
@@ -48,7 +48,7 @@ def is_finetuning(config: ml_collections.ConfigDict) -> bool:
     return config.finetune.method is not None
 
 
-def pretrain_command(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
+def pretrain_command(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> str:
     """The command that produces a base checkpoint for this config's model."""
     return f"python -m ul2_lm.train --config=configs/{config.model.size}_ul2.py --workdir={workdir}"
 
@@ -100,12 +100,12 @@ def method_spec(config: ml_collections.ConfigDict) -> petuning.methods.Method:
 class Base:
     """The pretraining run a finetuning run starts from."""
 
-    workdir: Path
+    workdir: epath.Path
     step: int
     record: dict[str, Any] | None
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> epath.Path:
         return self.workdir / "checkpoints"
 
     @property
@@ -132,7 +132,7 @@ def find_base(config: ml_collections.ConfigDict, model_config: model_lib.ModelCo
         raise ConfigError("finetune.base_workdir",
                           f"finetuning (method {ft.method!r}) needs the workdir of a pretraining "
                           f"run; produce one with: {pretrain_command(config, 'DIR')}")
-    workdir = Path(ft.base_workdir).expanduser().absolute()
+    workdir = paths.as_path(ft.base_workdir)
     steps = checkpointing.committed_steps(workdir / "checkpoints")
     if not steps:
         raise ConfigError("finetune.base_workdir",
@@ -154,7 +154,7 @@ def find_base(config: ml_collections.ConfigDict, model_config: model_lib.ModelCo
 
 
 def _check_same_shape(base_record: Mapping[str, Any], model_config: model_lib.ModelConfig,
-                      workdir: Path) -> None:
+                      workdir: epath.Path) -> None:
     try:
         base_model = model_sizes.resolve(base_record["config"]["model"])
     except (KeyError, TypeError, ValueError):
@@ -265,7 +265,7 @@ class Finetune:
         return state, frozen, fingerprint(frozen)
 
     def frozen_for_resume(self, layout: train_state.Layout, metadata: Mapping[str, Any],
-                          checkpoint_dir: Path) -> Any:
+                          checkpoint_dir: epath.Path) -> Any:
         """The frozen base of a resumed run, checked against the base its checkpoint names."""
         self.check_reference(metadata, checkpoint_dir)
         if self.kind == "fmt":
@@ -274,7 +274,7 @@ class Finetune:
         self.check_fingerprint(metadata, fingerprint(frozen), checkpoint_dir)
         return frozen
 
-    def check_reference(self, metadata: Mapping[str, Any], checkpoint_dir: Path) -> None:
+    def check_reference(self, metadata: Mapping[str, Any], checkpoint_dir: epath.Path) -> None:
         saved = (metadata or {}).get("base")
         if saved is None:
             raise checkpointing.IncompatibleCheckpointError(
@@ -286,14 +286,14 @@ class Finetune:
                 f"{saved['step']}, but config.finetune names {self.base.workdir} step "
                 f"{self.base.step}; finetune into another workdir, or point config.finetune."
                 "base_workdir / base_step back at its base")
-        if Path(saved["workdir"]) != self.base.workdir:
+        if paths.as_path(saved["workdir"]) != self.base.workdir:
             # A moved or copied study: the base's fingerprint, not its path, decides.
             log.warning("checkpoint %s names its base as %s; using %s (its parameters are "
                         "checked against the base's fingerprint)", checkpoint_dir,
                         saved["workdir"], self.base.workdir)
 
     def check_fingerprint(self, metadata: Mapping[str, Any], loaded: Mapping[str, Any],
-                          checkpoint_dir: Path) -> None:
+                          checkpoint_dir: epath.Path) -> None:
         saved = (metadata or {}).get("base", {}).get("fingerprint") or {}
         bad = fingerprint_mismatch(saved, loaded)
         if bad is not None:

@@ -62,21 +62,47 @@ def _shard_bytes(abstract_tree: Any) -> int:
 
 
 def plan(config, *, compile_step: bool = True) -> MemoryPlan:
-    """Per-device memory of training `config` on the current (possibly fake) devices."""
+    """Per-device memory of training `config` on the current (possibly fake) devices; for a
+    finetuning config, of its method: the frozen base among the parameters, optimiser state
+    for the trainable parameters only."""
     import jax
     import numpy as np
     from flax import nnx
 
-    from ul2_lm import config as config_lib, model as model_lib, model_sizes, partitioning
-    from ul2_lm import steps, train_state
+    import petuning
+    from ul2_lm import config as config_lib, finetune, model as model_lib, model_sizes
+    from ul2_lm import partitioning, steps, train_state
 
     config_lib.validate(config, num_devices=jax.device_count())
     model_config = model_sizes.resolve(config.model)
     mesh = partitioning.make_mesh(config.mesh.axes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx, _ = train_state.optimizer(config, model_config)
-    layout = train_state.make_layout(
-        lambda: model_lib.Transformer(model_config, rngs=nnx.Rngs(0)), tx, mesh, rules)
+
+    def make_model():
+        return model_lib.Transformer(model_config, rngs=nnx.Rngs(0))
+
+    trainable, labels, overrides = nnx.Param, None, None
+    dropout = model_config.dropout_rate > 0
+    if finetune.is_finetuning(config):
+        # The run's model and parameter groups, without its base: a plan reads no checkpoint.
+        method = finetune.method_spec(config)
+        if petuning.kind_of(method) == "prompt" and method.init == "text":
+            method = dataclasses.replace(method, init="uniform")  # the same shapes, no vocabulary
+        base_model = make_model
+
+        def make_model():
+            return petuning.apply(base_model(), method, seq_len=config.data.seq_len)[0]
+
+        trainable = petuning.trainable_filter(method)
+        labels, overrides = petuning.optimizer_groups(
+            method, {k: v for k, v in config.finetune.optim.items() if v is not None})
+        dropout = dropout or getattr(method, "dropout_rate", 0.0) > 0
+    tx, _ = train_state.optimizer(config, model_config, param_labels=labels,
+                                  group_overrides=overrides)
+    layout = train_state.make_layout(make_model, tx, mesh, rules, trainable)
+    abstract_frozen = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        layout.abstract_frozen, layout.frozen_shardings)
 
     batch_size, seq_len = config.train.global_batch_size, config.data.seq_len
     batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -89,10 +115,7 @@ def plan(config, *, compile_step: bool = True) -> MemoryPlan:
     if compile_step:
         step = steps.make_train_step(layout.graphdef, tx, seed=0,
                                      num_microbatches=config.train.num_microbatches,
-                                     z_loss=config.train.z_loss)
-        abstract_frozen = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            layout.abstract_frozen, layout.frozen_shardings)
+                                     z_loss=config.train.z_loss, dropout=dropout)
         with partitioning.activate(mesh, rules):
             compiled = jax.jit(step, out_shardings=(layout.state_shardings, None),
                                donate_argnums=(0,)).lower(
@@ -103,7 +126,8 @@ def plan(config, *, compile_step: bool = True) -> MemoryPlan:
     return MemoryPlan(
         num_devices=jax.device_count(), mesh=dict(mesh.shape),
         num_params=model_sizes.count_params(model_config)["total"],
-        param_bytes=_shard_bytes(layout.abstract_state.params),
+        # A finetuning run's frozen base is held on the devices too.
+        param_bytes=_shard_bytes(layout.abstract_state.params) + _shard_bytes(abstract_frozen),
         opt_state_bytes=_shard_bytes(layout.abstract_state.opt_state),
         batch_bytes=_shard_bytes(batch), temp_bytes=temp, compiled=temp is not None)
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from ul2_lm import paths
 
 RECORD_VERSION = 1
 RECORD_NAME = "record.json"
 
 
-def path_in(workdir: str | os.PathLike) -> Path:
-    return Path(workdir) / RECORD_NAME
+def path_in(workdir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(workdir) / RECORD_NAME
 
 
 def new_record(*, kind: str, task: str, method: str, config: Mapping[str, Any],
@@ -61,18 +63,8 @@ def _json_safe(x: Any) -> Any:
 
 def write(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Atomically replaces the record file in `workdir`."""
-    target = path_in(workdir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".record.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(record), f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    paths.write_text_atomic(path_in(workdir),
+                            json.dumps(_json_safe(record), indent=1, allow_nan=False))
 
 
 def read(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -80,8 +72,7 @@ def read(workdir: str | os.PathLike) -> dict[str, Any] | None:
     target = path_in(workdir)
     if not target.exists():
         return None
-    with open(target) as f:
-        record = json.load(f)
+    record = json.loads(target.read_text())
     version = record.get("record_version")
     if version != RECORD_VERSION:
         raise ValueError(f"{target}: record_version {version!r} is not {RECORD_VERSION}; "

@@ -64,3 +64,6 @@ class Batches:
 
     def state(self) -> dict:
         return {"batches": self._index}
+
+    def close(self) -> None:
+        """Nothing to release (the data pipeline's iterators stop a thread here)."""

@@ -9,12 +9,11 @@ Any config value can be overridden: `--config.train.num_steps=200`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,13 +22,15 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
 import petuning
 from ul2_lm import (checkpointing, config as config_lib, evaluate as evaluate_lib,
                    finetune as finetune_lib, flops, hardware, logging_utils, model as model_lib,
-                   model_sizes, optim, partitioning, record as record_lib, steps, train_state)
+                   model_sizes, optim, partitioning, paths, record as record_lib, steps,
+                   train_state)
 
 log = logging_utils.log
 
@@ -120,10 +121,6 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     return setup
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _new_record(setup: Setup) -> dict[str, Any]:
     config, ft = setup.config, setup.finetune
     counts = model_sizes.count_params(setup.model_config)
@@ -169,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     config.evaluation says (ul2_lm/evaluate.py).
     """
     logging_utils.setup_console()
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     setup = build(config)
     model_config, mesh, rules = setup.model_config, setup.mesh, setup.rules
     num_steps, tx, schedule, layout, ft = (setup.num_steps, setup.tx, setup.schedule,
@@ -242,7 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     last_eval: dict[str, float] | None = None
     pending: tuple[int, jax.Array] | None = None  # (step, its `finite` flag), checked a step late
     window_start, window_steps = time.perf_counter(), 0
-    with partitioning.activate(mesh, rules):
+    # The data iterator's prefetch thread stops with the loop, however the loop ends.
+    with partitioning.activate(mesh, rules), contextlib.closing(batches):
         for step in range(restored_step + 1, num_steps + 1):
             host_batch = next(batches)
             batch = partitioning.host_batch_to_global(host_batch, mesh, rules, global_batch)
@@ -308,6 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     if jax.process_index() == 0:
         record_lib.write(workdir, record)
     writer.close()
+    ckpt.close()
     log.info("finished %d steps; record in %s", num_steps, record_lib.path_in(workdir))
     return record
 
@@ -315,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 VOCAB_FILE = "vocab.model"
 
 
-def _keep_vocabulary(batches, workdir: Path) -> None:
+def _keep_vocabulary(batches, workdir: epath.Path) -> None:
     """Copies the run's SentencePiece model into its workdir (a finetuning run of another task
     names it with data.vocab.path), unless it is there already."""
     source = getattr(getattr(batches, "vocabulary", None), "sentencepiece_model_file", None)
@@ -323,8 +322,8 @@ def _keep_vocabulary(batches, workdir: Path) -> None:
     if source and not target.exists() and jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        epath.Path(source).copy(tmp, overwrite=True)
+        tmp.rename(target)
 
 
 def _has_dropout(ft: finetune_lib.Finetune | None) -> bool:
@@ -342,8 +341,8 @@ def _evaluate_best(setup: Setup, ckpt, frozen, eval_step, record: dict[str, Any]
     record.update(results)
     ft = setup.finetune
     record["checkpoint"].update(
-        disk_bytes=_dir_bytes(ckpt.directory / str(best)),
-        base_disk_bytes=_dir_bytes(ft.base.checkpoints / str(ft.base.step)))
+        disk_bytes=paths.tree_bytes(ckpt.directory / str(best)),
+        base_disk_bytes=paths.tree_bytes(ft.base.checkpoints / str(ft.base.step)))
     record["checkpoint"]["disk_ratio_to_base"] = (record["checkpoint"]["disk_bytes"]
                                                   / max(record["checkpoint"]["base_disk_bytes"], 1))
 
@@ -368,7 +367,7 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     config.evaluation. Finetuning runs get `final_evaluation`'s measurements; pretraining runs
     loss and perplexity on config.evaluation.splits."""
     logging_utils.setup_console()
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     record = record_lib.read(workdir)
     if record is None:
         raise FileNotFoundError(f"{record_lib.path_in(workdir)}: no run record; is {workdir} a "

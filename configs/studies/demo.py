@@ -19,9 +19,6 @@ def get_config():
     s.finetune.data_sizes = (50, 100, 200, 400)
     s.finetune.pet_sizes = {"lora": (1, 4), "prompt": (5, 20)}
     s.finetune.seeds = (0,)
-    s.finetune.overrides.train.num_steps = 30
-    s.finetune.overrides.train.eval_every_steps = 15
-    s.finetune.overrides.checkpoint.every_steps = 15
     s.heldout = dict(finetune_examples="max")
     s.fit.bootstrap = 50
     return s

@@ -36,10 +36,10 @@ def get_config():
         seeds=(0, 1),
         # Shared by every finetuning run: short, CPU-sized runs.
         overrides={
-            "train": {"num_steps": 40, "global_batch_size": 16, "eval_every_steps": 20,
-                      "log_every_steps": 20},
+            "train": {"num_steps": 30, "global_batch_size": 16, "eval_every_steps": 15,
+                      "log_every_steps": 15},
             "finetune": {"num_epochs": None, "prompt": {"length": 20}},
-            "checkpoint": {"every_steps": 20},
+            "checkpoint": {"every_steps": 15},
             "optim": {"warmup_steps": 4},
             "data": {"seq_len": 96},
             "evaluation": {"num_generate_examples": 16, "max_new_tokens": 32,

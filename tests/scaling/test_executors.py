@@ -6,6 +6,7 @@ import os
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -288,7 +289,8 @@ SLICE = dict(project="my-project", zone="us-central2-b", accelerator_type="v4-32
 
 
 class FakeGcloud:
-    """Records what it is asked to run; `fail(argv)` returns (returncode, stderr) or None."""
+    """Records what it is asked to run; `fail(argv)` returns (returncode, stderr) or None.
+    `gsutil cat` of a record answers with a finished record naming the URL it was read from."""
 
     def __init__(self, fail=lambda argv: None):
         self.calls = []
@@ -300,7 +302,10 @@ class FakeGcloud:
         self.inputs.append(input)
         failure = self.fail(argv)
         code, stderr = failure if failure else (0, "")
-        return subprocess.CompletedProcess(argv, code, "", stderr)
+        stdout = ""
+        if argv[:3] == ["gsutil", "-q", "cat"] and not code:
+            stdout = json.dumps({"status": "finished", "read_from": argv[3]})
+        return subprocess.CompletedProcess(argv, code, stdout, stderr)
 
 
 def study(tmp_path):
@@ -312,7 +317,7 @@ def study(tmp_path):
     return [pre, ft]
 
 
-def expected_commands(archive):
+def expected_commands(archive, local_runs, fetch_records=True):
     setup = ("set -e && rm -rf ~/ul2_lm && mkdir -p ~/ul2_lm && cd ~/ul2_lm && "
              "gsutil -q cp gs://my-bucket/study/code/src.tar.gz /tmp/ul2_lm-src.tar.gz && "
              "tar -xzf /tmp/ul2_lm-src.tar.gz && "
@@ -333,22 +338,28 @@ def expected_commands(archive):
     tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
     zone, project = "--zone=us-central2-b", "--project=my-project"
 
-    def slice_commands(name, config_url, run):
+    def slice_commands(name, config_url, run, fetch):
         return [
             ["gsutil", "cp", "-", config_url],
             [*tpu, "create", name, zone, "--accelerator-type=v4-32",
              "--version=tpu-ubuntu2204-base", project],
             [*tpu, "ssh", name, zone, project, "--worker=all", f"--command={setup}"],
             [*tpu, "ssh", name, zone, project, "--worker=all", f"--command={run}"],
+            *([["gsutil", "-q", "cat", fetch]] if fetch else []),
             [*tpu, "delete", name, zone, project, "--quiet"],
         ]
 
-    return ([["gsutil", "cp", str(archive), "gs://my-bucket/study/code/src.tar.gz"]]
+    # Records already in the bucket come home first; a run's record right after it (only the
+    # pretraining run has a local workdir: the finetuning run's is on another bucket).
+    sync = ["gsutil", "-m", "-q", "rsync", "-r", "-x", r"^(?!(.*/)?record\.json$).*",
+            "gs://my-bucket/study/runs", str(local_runs)]
+    return ([sync, ["gsutil", "cp", str(archive), "gs://my-bucket/study/code/src.tar.gz"]]
             + slice_commands("ul2-" + executors.hashlib.sha1(b"pretrain/tiny").hexdigest()[:8],
-                             f"{pre_dir}/run_config.json", run_pre)
+                             f"{pre_dir}/run_config.json", run_pre,
+                             fetch_records and f"{pre_dir}/record.json")
             + slice_commands(
                 "ul2-" + executors.hashlib.sha1(b"finetune/lora/tiny").hexdigest()[:8],
-                "gs://other-bucket/ft/run_config.json", run_ft))
+                "gs://other-bucket/ft/run_config.json", run_ft, None))
 
 
 def test_gcloud_dry_run_issues_the_exact_commands(tmp_path, capsys):
@@ -356,7 +367,7 @@ def test_gcloud_dry_run_issues_the_exact_commands(tmp_path, capsys):
     ex = GcloudTPUExecutor(**SLICE, repo_archive=archive, runner=FakeGcloud())
     outcomes, done = collect()
     ex.run(study(tmp_path), done)
-    assert ex.issued == expected_commands(archive)
+    assert ex.issued == expected_commands(archive, tmp_path / "runs", fetch_records=False)
     assert ex.runner.calls == []  # A dry run runs nothing.
     assert [(o.ok, o.reason) for o in outcomes] == [(True, executors.DRY_RUN_REASON)] * 2
     printed = capsys.readouterr().out
@@ -370,12 +381,57 @@ def test_gcloud_uploads_configs_with_bases_on_the_bucket(tmp_path):
                            dry_run=False)
     outcomes, done = collect()
     ex.run(study(tmp_path), done)
-    assert runner.calls == ex.issued == expected_commands(tmp_path / "src.tar.gz")
+    assert runner.calls == ex.issued == expected_commands(tmp_path / "src.tar.gz",
+                                                          tmp_path / "runs")
     configs = [json.loads(i) for i in runner.inputs if i is not None]
     assert configs == [{"train": {"num_steps": 4}},
                        {"finetune": {"method": "lora",
                                      "base_workdir": "gs://my-bucket/study/runs/pretrain/tiny"}}]
     assert all(o.ok for o in outcomes)
+    # The pretraining run's record came home into its local workdir, where the study reads it.
+    record = json.loads((tmp_path / "runs" / "pretrain" / "tiny" / "record.json").read_text())
+    assert record == {"status": "finished",
+                      "read_from": "gs://my-bucket/study/runs/pretrain/tiny/record.json"}
+
+
+def test_gcloud_resumed_study_skips_runs_whose_bucket_record_is_finished(tmp_path):
+    """A study stopped after its pretraining run finished on a slice, but before the laptop
+    heard of it: the bucket's record comes home first, and that run is not started again."""
+    from scaling.study import run_status
+
+    class Bucket(FakeGcloud):
+        def __call__(self, argv, **kwargs):
+            if argv[3:4] == ["rsync"]:  # What the bucket holds: the finished pretraining run.
+                home = Path(argv[-1]) / "pretrain" / "tiny"
+                home.mkdir(parents=True)
+                (home / "record.json").write_text(json.dumps(
+                    {"record_version": 1, "status": "finished"}))
+            return super().__call__(argv, **kwargs)
+
+    runner = Bucket()
+    ex = GcloudTPUExecutor(**SLICE, repo_archive=tmp_path / "src.tar.gz", runner=runner,
+                           dry_run=False)
+    outcomes, done = collect()
+    local = lambda spec: not spec.workdir.startswith("gs://")  # noqa: E731 (no network here)
+    ex.run(study(tmp_path), done, skip=lambda spec: local(spec) and run_status(spec) == "finished")
+    created = [argv[5] for argv in runner.calls if argv[4:5] == ["create"]]
+    assert created == ["ul2-" + executors.hashlib.sha1(b"finetune/lora/tiny").hexdigest()[:8]]
+    assert all(o.ok for o in outcomes)
+
+
+def test_gcloud_run_whose_record_cannot_be_fetched_fails_with_the_reason(tmp_path):
+    runner = FakeGcloud(lambda argv: (1, "CommandException: No URLs matched\n")
+                        if argv[:3] == ["gsutil", "-q", "cat"] else None)
+    ex = GcloudTPUExecutor(**SLICE, repo_archive=tmp_path / "src.tar.gz", runner=runner,
+                           dry_run=False)
+    outcomes, done = collect()
+    ex.run(study(tmp_path), done)
+    got = by_id(outcomes)
+    assert not got["pretrain/tiny"].ok
+    assert got["pretrain/tiny"].reason.startswith(
+        "finished on the slice, but fetching its record failed: CommandException: No URLs")
+    assert got["finetune/lora/tiny"].reason.startswith("dependency pretrain/tiny failed")
+    assert not (tmp_path / "runs" / "pretrain" / "tiny" / "record.json").exists()
 
 
 def test_gcloud_deletes_the_slice_when_the_run_fails(tmp_path):
@@ -390,7 +446,8 @@ def test_gcloud_deletes_the_slice_when_the_run_fails(tmp_path):
     outcomes, done = collect()
     ex.run(study(tmp_path), done)
     verbs = [argv[4] if argv[0] == "gcloud" else "gsutil" for argv in runner.calls]
-    assert verbs == ["gsutil", "gsutil", "create", "ssh", "ssh", "delete"]  # No second slice.
+    # Sync records, upload code and config; one slice; no second slice.
+    assert verbs == ["gsutil", "gsutil", "gsutil", "create", "ssh", "ssh", "delete"]
     got = by_id(outcomes)
     assert got["pretrain/tiny"].reason == ("ValueError: config.train.num_steps: must be > 0 "
                                            "(exit code 1)")
@@ -416,7 +473,7 @@ def test_gcloud_rejection_surfaces_in_the_reason(tmp_path):
     ex.run(study(tmp_path)[:1], done)
     assert not outcomes[0].ok and message in outcomes[0].reason
     assert outcomes[0].reason.startswith("creating TPU slice ul2-")
-    assert [argv[4] for argv in runner.calls[2:]] == ["create", "delete"]  # Delete anyway.
+    assert [argv[4] for argv in runner.calls[3:]] == ["create", "delete"]  # Delete anyway.
     assert ex.undeleted == []  # It never existed.
 
 

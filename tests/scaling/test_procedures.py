@@ -28,6 +28,21 @@ def test_planted_exponents_and_floor_lie_in_their_bootstrap_intervals(prompt_fit
         assert lo <= result.parameters()[name] <= hi
 
 
+def test_table4_flags_an_estimate_outside_its_interval_and_only_then(prompt_fit):
+    from scaling import report
+
+    plan, result, draws = prompt_fit
+    intervals = draws.summary(0.99)["intervals"]
+    clean = report.table4({("en-de", "prompt"): result}, {("en-de", "prompt"): intervals})
+    assert "†" not in clean and f"[{report.fmt(intervals['beta'][0])}," in clean
+    beta = result.parameters()["beta"]
+    moved = dict(intervals, beta=[beta * 1.5, beta * 2.0])
+    flagged = report.table4({("en-de", "prompt"): result}, {("en-de", "prompt"): moved})
+    beta_row = next(line for line in flagged.splitlines() if line.startswith("| beta"))
+    assert beta_row.endswith("† |") and flagged.count("†") == 2  # The cell and the footnote.
+    assert "outside its bootstrap interval" in flagged
+
+
 def test_heldout_error_is_of_the_papers_order(prompt_fit):
     _, result, _ = prompt_fit
     for factor, ff in result.factors.items():

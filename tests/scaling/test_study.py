@@ -224,8 +224,18 @@ def test_the_gcloud_executor_dry_run_prints_its_commands_and_runs_nothing(tmp_pa
     text = out.stdout + out.stderr
     assert "gcloud compute tpus tpu-vm create" in text and "--accelerator-type=v4-8" in text
     assert "tpu-vm delete" in text and "--worker=all" in text
+    # Records already on the bucket come home before anything is decided; runs write there.
+    sync = r"gsutil -m -q rsync -r -x '^(?!(.*/)?record\.json$).*' gs://my-bucket/runs "
+    assert sync + f"{tmp_path}/runs" in text
+    assert "--workdir=gs://my-bucket/runs/pretrain/xs" in text
     assert not list((tmp_path / "runs").rglob("record.json"))
     assert json.loads((tmp_path / "status.json").read_text()) == {}
+
+
+def test_a_study_directory_on_a_bucket_is_refused_with_the_way_to_put_runs_there():
+    out = study_cli("--config=configs/studies/demo.py", "--workdir=gs://my-bucket/demo")
+    assert out.returncode != 0
+    assert "--workdir=gs://my-bucket/demo" in out.stderr and "--bucket=gs://" in out.stderr
 
 
 def test_a_malformed_zone_stops_the_study_before_any_run(tmp_path):

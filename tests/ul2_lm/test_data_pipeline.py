@@ -244,3 +244,22 @@ def test_unpacked_batches_hold_one_example_per_row():
     assert set(batch) == set(pipeline.BATCH_FEATURES)
     assert batch["decoder_segment_ids"].max() == 1
     assert all(len(list(_segments({k: v[r:r + 1] for k, v in batch.items()}))) == 1 for r in range(4))
+
+
+def test_closing_an_iterator_whose_reader_stopped_early_stops_its_thread_at_once():
+    """A consumer that takes one batch of a finite stream and walks away (a trainer at its last
+    step, an interrupted evaluation) must not leave the prefetch thread behind, blocked."""
+    import time
+
+    def produce():
+        for _ in range(5):
+            yield {"x": np.zeros(2)}, None
+
+    iterator = pipeline.BatchIterator(produce, prefetch=1, state=None, local_batch_size=1,
+                                      seq_len=2, vocab=None)
+    next(iterator)
+    time.sleep(0.3)  # the producer has run dry and waits for room for its end marker
+    start = time.monotonic()
+    iterator.close()
+    assert not iterator._thread.is_alive()
+    assert time.monotonic() - start < 5

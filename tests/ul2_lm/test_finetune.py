@@ -310,6 +310,18 @@ def test_a_pet_checkpoint_on_another_base_is_refused_and_left_intact(base, runs,
     assert _snapshot(workdir) == before
 
 
+def test_a_run_leaves_no_data_thread_behind(base, tmp_path):
+    """Runs of a study share one process: each must stop its prefetch threads when it ends."""
+    import threading
+
+    def data_threads():
+        return {t for t in threading.enumerate() if t.name.endswith("(_fill)") and t.is_alive()}
+
+    before = data_threads()
+    train.run(finetune_config("lora", base, train__num_steps=2), tmp_path / "run")
+    assert data_threads() - before == set()
+
+
 def test_epoch_budget_stops_at_the_earlier_of_steps_and_epochs(base, tmp_path):
     config = finetune_config("lora", base, train__num_steps=100)
     config.finetune.num_epochs = 0.5  # 32 of the 64 examples at batch 8: 4 steps

@@ -46,6 +46,27 @@ def test_compiled_step_reports_activation_memory_that_grows_with_the_batch():
     assert "activations + temporaries" in large.table()
 
 
+def test_a_finetuning_plan_holds_the_frozen_base_and_optimises_only_the_method():
+    """No base checkpoint is read; LoRA / prompt tuning keep optimiser state only for their
+    own parameters, and hold the whole base on the devices as FMT does."""
+    axes = (("data", 8), ("fsdp", 1), ("tensor", 1))
+    plans = {}
+    for method in ("fmt", "lora", "prompt"):
+        c = config_lib.finetuning(method, tiny_config(axes))
+        c.data.task = "synthetic"
+        c.data.pack = method != "prompt"
+        c.finetune.base_workdir = "/nonexistent/base"
+        c.finetune.prompt.length = 8
+        plans[method] = plan.plan(c, compile_step=method == "lora")
+    d_model = model_sizes.resolve(tiny_config(axes).model).d_model
+    assert plans["prompt"].param_bytes == plans["fmt"].param_bytes + 4 * 8 * d_model
+    assert plans["lora"].param_bytes > plans["fmt"].param_bytes
+    # Adafactor on [P, d] (unfactored: P is small), and a few scalar counters.
+    assert 4 * 8 * d_model <= plans["prompt"].opt_state_bytes < 4 * 8 * d_model + 256
+    assert plans["lora"].opt_state_bytes < plans["fmt"].opt_state_bytes / 2
+    assert plans["lora"].compiled and plans["lora"].temp_bytes > 0
+
+
 def test_cli_plans_a_paper_model_without_compiling():
     out = subprocess.run(
         [sys.executable, "-m", "ul2_lm.plan", "--config=configs/1b_ul2.py", "--devices=16",

@@ -142,21 +142,26 @@ class BatchIterator:
         self._thread.start()
         _open_iterators.add(self)
 
+    def _offer(self, item) -> bool:
+        """Puts `item` in the queue once there is room; False if the iterator is closed first
+        (a consumer that stopped reading never leaves this thread blocked)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _fill(self, produce):
         items = produce()
         try:
             for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._offer(item):
                     return
-            self._queue.put(StopIteration())
+            self._offer(StopIteration())
         except BaseException as e:  # surfaced to the consumer, not lost in the thread
-            self._queue.put(e)
+            self._offer(e)
         finally:
             items.close()  # releases the TensorFlow iterator in the thread that made it
 
