@@ -16,13 +16,16 @@ import numpy as np  # noqa: E402
 from scaling import procedures  # noqa: E402
 from scaling.table import FINETUNE_EXAMPLES  # noqa: E402
 
-_UNITS = {"model_size": ("params", 1e9, "B"), "pretrain_data": ("tokens", 1e9, "B"),
-          "pet_size": ("", 1.0, "")}
+_COUNTED = {"model_size", "pretrain_data"}  # parameters and tokens: 1.2B, 254K; PET sizes as is
 
 
 def _label(factor: str, x: float) -> str:
-    _, div, suffix = _UNITS[factor]
-    return f"{x / div:g}{suffix}"
+    if factor not in _COUNTED:
+        return f"{x:g}"
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
 
 
 Band = Callable[[str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -46,6 +49,7 @@ def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path:
         df_all = tab[FINETUNE_EXAMPLES][rows]
         grid = np.geomspace(df_all.min(), df_all.max(), 100)
         held = set(plan.held_rows[f].tolist())
+        shown = [y[rows]]  # what the y-axis must show: observations and fitted curves
         for i, x in enumerate(xs):
             color = cmap(i / max(1, len(xs) - 1))
             sel = rows[tab[col][rows] == x]
@@ -56,10 +60,22 @@ def factor_fits(result: procedures.ProcedureResult, plan: procedures.Plan, path:
                     color=color, ms=6)
             pred = result.factors[f].fit.predict({"x": np.full(grid.shape, x), "df": grid})
             ax.plot(grid, pred, "-", color=color, lw=1.2, label=_label(f, x))
+            shown.append(pred)
             if band is not None:
                 lo, hi = band(f, np.full(grid.shape, x), grid)
                 ax.fill_between(grid, lo, hi, color=color, alpha=0.25, lw=0)
+        # A wide band (few configurations) must not flatten the data: bands run off the axes.
+        shown = np.concatenate(shown)
+        shown = shown[np.isfinite(shown)]
+        if shown.size:
+            low, high = shown.min(), shown.max()
+            pad = 0.25 * (high - low) or 0.05 * abs(high) or 0.1
+            ax.set_ylim(low - pad, high + pad)
         ax.set_xscale("log")
+        sizes = np.unique(df_all)
+        if sizes.size <= 8:  # ticks at the grid's data sizes, not overlapping minor labels
+            ax.set_xticks(sizes, [f"{v:g}" for v in sizes])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("finetuning examples")
         ax.set_ylabel(f"{plan.target} (nats/token)")
         ff = result.factors[f]

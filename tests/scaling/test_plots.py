@@ -48,3 +48,26 @@ def test_factor_fits_shade_a_band_around_each_fitted_curve(fmt_fit, monkeypatch)
     assert not any(isinstance(c, PolyCollection) for ax in without.axes for c in ax.collections)
     plt.close(with_band)
     plt.close(without)
+
+
+def test_a_wide_band_does_not_flatten_the_data_and_labels_read_as_counts(fmt_fit, monkeypatch):
+    plan, result = fmt_fit
+    saved = _figure(monkeypatch)
+
+    def huge_band(factor, x, df):  # an interval from few configurations: far wider than the data
+        pred = result.factors[factor].fit.predict({"x": x, "df": df})
+        return pred - 100.0, pred + 100.0
+
+    plots.factor_fits(result, plan, "unused.png", huge_band)
+    (fig,) = saved
+    y = plan.table[plan.target]
+    for ax, f in zip(fig.axes, result.factors):
+        rows = np.concatenate([plan.fit_rows[f], plan.held_rows[f]])
+        low, high = ax.get_ylim()
+        assert low <= y[rows].min() and y[rows].max() <= high
+        assert high - low < 2 * (y[rows].max() - y[rows].min()) + 1.0
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert all(label[-1] in "KMB" for label in labels), labels
+    assert plots._label("model_size", 254_272) == "254K"
+    assert plots._label("model_size", 1.2185e9) == "1.22B" and plots._label("pet_size", 16) == "16"
+    plt.close(fig)
