@@ -20,13 +20,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from etils import epath
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 import petuning
