@@ -596,6 +596,13 @@ def recommendation(study: Study, doc: Mapping[str, Any]) -> list[str]:
                          f"(predicted test loss {_predict(fits[best[start][1]], x, lo):.3f} "
                          f"to {_predict(fits[best[start][1]], x, hi):.3f})")
             start = i
+    uncertified = sorted(r["method"] for r in doc["results"]
+                         if r["law"] == "multiplicative" and r["method"] in fits
+                         and not r.get("certified", True))
+    if uncertified:
+        lines.append(f"- Caution: the fit of {', '.join(uncertified)} is not certified (see "
+                     "Certificates below: a parameter at its bound or a search that did not "
+                     "settle), so its predictions, and the ranges above, are less reliable.")
     return lines
 
 

@@ -245,3 +245,19 @@ def test_a_malformed_zone_stops_the_study_before_any_run(tmp_path):
     assert out.returncode != 0
     assert "moon base 1" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_recommendation_picks_the_lower_law_and_warns_of_an_uncertified_fit():
+    study = study_lib.parse(study_lib.load_config_file(REPO / "configs/studies/demo.py"))
+    law = {"A_m": 10.0, "alpha_m": 0.2, "beta": 0.1}
+
+    def result(method, floor, certified):
+        return {"method": method, "law": "multiplicative", "certified": certified,
+                "parameters": {**law, "E": floor}}
+
+    doc = {"results": [result("fmt", 2.0, True), result("lora", 1.5, True)]}
+    lines = study_lib.recommendation(study, doc)
+    assert len(lines) == 1 and "**lora**" in lines[0]  # lower everywhere: one range
+    doc["results"][1]["certified"] = False
+    lines = study_lib.recommendation(study, doc)
+    assert "**lora**" in lines[0] and lines[-1].startswith("- Caution: the fit of lora is not")
