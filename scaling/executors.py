@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from scaling.runspec import CONFIG_LOADER, REPO, Outcome, RunSpec, join
-
-RECORD_NAME = "record.json"  # ul2_lm.record's file name (not imported: this module needs no JAX)
+from ul2_lm import paths  # etils only, like ul2_lm.record: this module imports no JAX
+from ul2_lm.record import RECORD_NAME
 
 log = logging.getLogger(__name__)
 
@@ -633,8 +633,6 @@ class GcloudTPUExecutor(Executor):
         if result.returncode:
             return (f"finished on the slice, but fetching its record failed: {result.reason()}; "
                     "running the study again fetches it")
-        from ul2_lm import paths  # etils only: no JAX import.
-
         paths.write_text_atomic(join(local, RECORD_NAME), result.stdout)
         return None
 
