@@ -23,7 +23,6 @@ reports pass/fail and exits 0 either way: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,8 +34,8 @@ import numpy as np
 from flax import nnx
 
 import petuning
-from ul2_lm import (benchmark_rows, config as config_lib, model as model_lib, model_sizes, optim,
-                    partitioning, steps, train_state)
+from ul2_lm import (benchmark_rows, config as config_lib, logging_utils, model as model_lib,
+                    model_sizes, optim, partitioning, steps, train_state)
 
 METHODS = ("fmt", "lora", "prompt")
 TIME_TARGET = 0.75  # PET step time / FMT step time, at most
@@ -185,23 +184,13 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    r = run(args)
-    load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    r, load = benchmark_rows.under_load(run, args)
     print(f"size={r['size']} params={r['params']:,} batch={r['batch']} seq_len={r['seq_len']} "
           f"lora rank={r['rank']} prompt_length={r['prompt_length']} runs={r['runs']} on "
           f"{benchmark_rows.machine()} ({load}):")
@@ -212,7 +201,7 @@ def main(argv=None) -> dict:
               f"{high * 1e3:.1f}), compile {r['compile_s'][name]:.1f} s, "
               f"XLA {'n/a' if flops is None else f'{flops / 1e9:.1f} GFLOP'}; "
               f"trainable {r['trainable'][name]:,} ({r['trainable_percent'][name]:.3g}% of base); "
-              f"optimiser state {_human_bytes(r['opt_state_bytes'][name])}; "
+              f"optimiser state {logging_utils.human_bytes(r['opt_state_bytes'][name])}; "
               f"loss {r['loss'][name]:.3f}")
     print(f"targets: step time <= {TIME_TARGET:.2f}x FMT's, optimiser state < "
           f"{OPT_STATE_TARGET:.0%} of FMT's")
@@ -236,7 +225,7 @@ def main(argv=None) -> dict:
             f"{r['params'] / 1e6:.1f}M",
             *(f"{r['step_s'][name] * 1e3:.0f}" for name in METHODS),
             ratio("lora"), ratio("prompt"),
-            " / ".join(_human_bytes(r["opt_state_bytes"][name]) for name in METHODS),
+            " / ".join(logging_utils.human_bytes(r["opt_state_bytes"][name]) for name in METHODS),
             f"{r['lora_fmt_opt_state_ratio']:.1%} / {r['prompt_fmt_opt_state_ratio']:.1%}",
             " / ".join(f"{r['trainable'][name]:,}" for name in METHODS),
             load])

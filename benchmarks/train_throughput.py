@@ -14,7 +14,6 @@ steps, so that a busy shared machine slows both alike. Figures are medians over 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -148,10 +147,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    r = run(args)
-    # Other jobs on a shared machine show in the absolute figures; say how busy it was.
-    load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    r, load = benchmark_rows.under_load(run, args)
     print(f"size={r['size']} params={r['params']:,} seq_len={r['seq_len']} batch={r['batch']} "
           f"dtype={r['dtype']} scan_layers={r['scan_layers']} remat={r['remat_policy']}: "
           f"step {r['step_s'] * 1e3:.0f} ms, {r['tokens_per_s']:,.0f} tokens/s, "

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from petuning.prompt import PromptParam
+from ul2_lm import logging_utils
 
 # Parameters a method adds; everything else of type nnx.Param is the base model.
 PET_PARAMS = (nnx.LoRAParam, PromptParam)
@@ -30,19 +31,11 @@ def trainable_report(model: nnx.Module, trainable: nnx.filterlib.Filter) -> dict
             "percent_of_base": 100.0 * count / base_count if base_count else float("nan")}
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def summary(report: dict[str, Any], name: str = "trainable") -> str:
     """One line, e.g. 'lora: 3,584 trainable parameters = 0.71% of 504,832 base (14.0 KiB)'."""
     return (f"{name}: {report['count']:,} trainable parameters = "
             f"{report['percent_of_base']:.4g}% of {report['base_count']:,} base "
-            f"({_human_bytes(report['bytes'])})")
+            f"({logging_utils.human_bytes(report['bytes'])})")
 
 
 def pet_record(kind: str, size: int | None, report: dict[str, Any]) -> dict[str, Any] | None:

@@ -60,7 +60,9 @@ from ul2_lm.record import RECORD_NAME
 log = logging.getLogger(__name__)
 
 Done = Callable[[Outcome], None]
-Skip = Callable[[RunSpec], bool]
+# True: finished already, nothing to run; an Outcome: already known (a failure of an earlier
+# invocation, which fails the runs that depend on it); False: run it.
+Skip = Callable[[RunSpec], "bool | Outcome"]
 
 __all__ = [
     "Executor", "SequentialExecutor", "ParallelExecutor", "LocalPodExecutor",
@@ -93,9 +95,11 @@ class _Ledger:
         self.skipped: set[str] = set()
         if skip is not None:
             for spec in specs:
-                if skip(spec):
+                known = skip(spec)
+                if known:
                     self.skipped.add(spec.run_id)
-                    self._outcomes[spec.run_id] = Outcome(spec.run_id, ok=True)
+                    self._outcomes[spec.run_id] = (known if isinstance(known, Outcome)
+                                                   else Outcome(spec.run_id, ok=True))
 
     def verdict(self, spec: RunSpec, ignore: frozenset[str] | set[str] = frozenset()):
         """_READY, _WAIT, or the failed Outcome of a run whose dependency failed.
@@ -194,10 +198,8 @@ class SequentialExecutor(Executor):
     "<ExceptionType>: <message>" (its traceback goes to the log); KeyboardInterrupt propagates.
     """
 
-    def __init__(self, runner: Callable[[RunSpec], None] = train_in_process,
-                 write_config: bool = True):
+    def __init__(self, runner: Callable[[RunSpec], None] = train_in_process):
         self.runner = runner
-        self.write_config = write_config
 
     def run(self, specs: Sequence[RunSpec], done: Done, skip: Skip | None = None) -> None:
         ledger = _Ledger(specs, skip)
@@ -215,8 +217,7 @@ class SequentialExecutor(Executor):
     def _run_one(self, spec: RunSpec) -> Outcome:
         start = time.monotonic()
         try:
-            if self.write_config and not spec.workdir.startswith("gs://"):
-                spec.write_config()
+            spec.write_config()
             self.runner(spec)
         except Exception as e:  # KeyboardInterrupt and SystemExit are not Exceptions.
             log.warning("run %s failed", spec.run_id, exc_info=True)
@@ -291,6 +292,15 @@ class ParallelExecutor(Executor):
 
     def processes(self, spec: RunSpec) -> list[_Process]:
         return [_Process(self.command(spec), Path(spec.workdir) / self.log_name)]
+
+    def _upload_code(self) -> tuple[str | os.PathLike, _Result]:
+        """(the archive, the upload's result): `repo_archive`, or a tarball of the checkout made
+        for the upload and deleted after it (only its name is used later)."""
+        if self.repo_archive is not None:
+            return self.repo_archive, self._issue(self.upload_code_command(self.repo_archive))
+        with tempfile.TemporaryDirectory(prefix="ul2_lm_src_") as tmp:
+            archive = make_source_archive(Path(tmp) / "ul2_lm-src.tar.gz")
+            return archive, self._issue(self.upload_code_command(archive))
 
     # Scheduling.
 
@@ -712,6 +722,15 @@ class GcloudTPUExecutor(Executor):
             return _Result(127, stderr=f"{type(e).__name__}: {e}")
         return _Result(result.returncode, result.stdout or "", result.stderr or "")
 
+    def _upload_code(self) -> tuple[str | os.PathLike, _Result]:
+        """(the archive, the upload's result): `repo_archive`, or a tarball of the checkout made
+        for the upload and deleted after it (only its name is used later)."""
+        if self.repo_archive is not None:
+            return self.repo_archive, self._issue(self.upload_code_command(self.repo_archive))
+        with tempfile.TemporaryDirectory(prefix="ul2_lm_src_") as tmp:
+            archive = make_source_archive(Path(tmp) / "ul2_lm-src.tar.gz")
+            return archive, self._issue(self.upload_code_command(archive))
+
     # Scheduling.
 
     def run(self, specs: Sequence[RunSpec], done: Done, skip: Skip | None = None) -> None:
@@ -729,11 +748,7 @@ class GcloudTPUExecutor(Executor):
         todo = [s for s in specs if s.run_id not in ledger.skipped]
         if not todo:
             return
-        archive = self.repo_archive
-        if archive is None:
-            archive = make_source_archive(Path(tempfile.mkdtemp(prefix="ul2_lm_src_")) /
-                                          "ul2_lm-src.tar.gz")
-        upload = self._issue(self.upload_code_command(archive))
+        archive, upload = self._upload_code()
         if upload.returncode:
             reason = f"uploading the code failed: {upload.reason()}"
             for spec in todo:

@@ -62,14 +62,13 @@ class RunSpec:
     def config_json(self) -> str:
         return json.dumps(self.config, indent=1, sort_keys=True)
 
-    def write_config(self) -> Path:
-        """Writes run_config.json into a local workdir (atomically); returns its path."""
-        path = Path(self.config_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.config_json() + "\n")
-        os.replace(tmp, path)
-        return path
+    def write_config(self) -> str:
+        """Writes run_config.json into the workdir (local or gs://, atomically); returns its
+        path."""
+        from ul2_lm import paths  # etils only: no JAX
+
+        paths.write_text_atomic(self.config_path, self.config_json() + "\n")
+        return self.config_path
 
 
 def join(base: str, *parts: str) -> str:

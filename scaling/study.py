@@ -340,43 +340,48 @@ def describe_plan(study: Study, specs: Sequence[RunSpec], *, peak_flops: float =
 STATUS_FILE = "status.json"
 
 
-def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
-
-
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from ul2_lm import paths
+
+    paths.write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
-def run_status(spec: RunSpec) -> str | None:
-    """'finished', 'failed', 'running' (unfinished) or None (never started), from its record."""
+def _read_record(spec: RunSpec) -> dict[str, Any] | None:
+    """The run's record, or None when it has none or it cannot be read (then it counts as not
+    started: it runs, and resumes from its own checkpoints)."""
     from ul2_lm import record as record_lib
 
     try:
-        record = record_lib.read(spec.workdir)
+        return record_lib.read(spec.workdir)
     except Exception as e:  # noqa: BLE001 (half-written, another version, a bucket unreachable)
         logging.getLogger("scaling.study").warning("cannot read the record of %s (%s: %s); it "
                                                    "counts as not started", spec.run_id,
                                                    type(e).__name__, e)
         return None
+
+
+def run_status(spec: RunSpec) -> str | None:
+    """'finished', 'failed', 'running' (unfinished) or None (never started), from its record."""
+    record = _read_record(spec)
     return None if record is None else record.get("status")
 
 
 class Progress:
     """'runs done / total, ETA' lines, the ETA from the FLOPs of what is left."""
 
-    def __init__(self, specs: Sequence[RunSpec], done: int):
-        self.total, self.done = len(specs), done
-        self.flops_left = {s.run_id: s.train_flops for s in specs}
+    def __init__(self, total: int, to_run: Sequence[RunSpec]):
+        self.total, self.done = total, total - len(to_run)
+        self.flops_left = {s.run_id: s.train_flops for s in to_run}
         self.start, self.flops_done = time.perf_counter(), 0.0
         self.failed = 0
 
-    def finished(self, outcome: Outcome, skipped: bool = False) -> str:
+    def found_finished(self, run_id: str) -> None:
+        """A run to run turned out finished (its record arrived from a bucket): no work left."""
+        if self.flops_left.pop(run_id, None) is not None:
+            self.done += 1
+
+    def finished(self, outcome: Outcome) -> str:
         flops = self.flops_left.pop(outcome.run_id, 0.0)
-        if skipped:
-            return ""
         self.done += 1
         self.failed += not outcome.ok
         self.flops_done += flops
@@ -409,22 +414,18 @@ def _cache_dir() -> Path:
 
 
 def in_process_runner(spec: RunSpec) -> None:
-    """Runs one training run in this process (the local sequential executor's runner)."""
-    from ul2_lm import train
+    """Runs one training run in this process, with the compilation cache on."""
+    from scaling import executors
 
     enable_compilation_cache()
-    spec.write_config()
-    train.run(ml_collections.ConfigDict(spec.config), spec.workdir)
+    executors.train_in_process(spec)
 
 
 def _record_failure(spec: RunSpec, reason: str) -> None:
     """Marks a run failed in its record (writing one when the run never got that far)."""
     from ul2_lm import record as record_lib
 
-    try:
-        record = record_lib.read(spec.workdir)
-    except ValueError:
-        record = None
+    record = _read_record(spec)
     if record is None:
         record = record_lib.new_record(kind=spec.kind, task=spec.config["data"]["task"],
                                        method=spec.config["finetune"]["method"] or "pretrain",
@@ -448,61 +449,51 @@ def _study_lock(directory: Path):
 
 def execute(study: Study, specs: Sequence[RunSpec], workdir: Path, executor, *,
             retry_failed: bool = False, log=print) -> dict[str, Any]:
-    """Runs what is not finished yet; returns status.json's content."""
+    """Runs what is not finished yet; returns status.json's content (how each run ended, from
+    its record: a run finished some other way than through this study counts as finished)."""
     from scaling.executors import DRY_RUN_REASON as dry_run_reason
 
-    status_path = workdir / STATUS_FILE
-    status = _read_json(status_path, {})
-    before = {s.run_id: run_status(s) for s in specs}
-    finished = sum(v == "finished" for v in before.values())
-    skip_ids = {rid for rid, v in before.items()
-                if v == "finished" or (v == "failed" and not retry_failed)}
-    progress = Progress(specs, finished)
-    todo = len(specs) - len(skip_ids)
-    log(f"study {study.name!r}: {len(specs)} runs, {finished} finished, "
+    records = {s.run_id: _read_record(s) for s in specs}
+    before = {rid: r and r.get("status") for rid, r in records.items()}
+    status = {rid: {"status": before[rid], "reason": r.get("failure_reason")}
+              for rid, r in records.items() if before[rid] in ("finished", "failed")}
+    # Failures of an earlier invocation stay failures (their dependents fail without starting).
+    failed_before = {rid: Outcome(rid, ok=False, reason=r.get("failure_reason"))
+                     for rid, r in records.items() if before[rid] == "failed" and not retry_failed}
+    to_run = [s for s in specs if before[s.run_id] != "finished" and s.run_id not in failed_before]
+    progress = Progress(len(specs), to_run)
+    log(f"study {study.name!r}: {len(specs)} runs, "
+        f"{sum(v == 'finished' for v in before.values())} finished, "
         f"{sum(v == 'failed' for v in before.values())} failed before, "
-        f"{sum(v == 'running' for v in before.values())} to resume; {todo} to run")
+        f"{sum(v == 'running' for v in before.values())} to resume; {len(to_run)} to run")
 
-    def skip(spec: RunSpec) -> bool:
-        return spec.run_id in skip_ids and before[spec.run_id] == "finished"
+    def skip(spec: RunSpec):
+        if spec.run_id in failed_before:
+            return failed_before[spec.run_id]
+        if before[spec.run_id] == "finished":
+            return True
+        # An executor may have brought the record home since (gcloud: from the bucket).
+        if run_status(spec) == "finished":
+            progress.found_finished(spec.run_id)
+            status[spec.run_id] = {"status": "finished", "reason": None}
+            return True
+        return False
 
     def done(outcome: Outcome) -> None:
-        spec = by_id[outcome.run_id]
         if outcome.reason == dry_run_reason:
             log(f"{outcome.run_id}: {outcome.reason}")
             return
         if not outcome.ok:
-            _record_failure(spec, outcome.reason or "unknown failure")
+            _record_failure(by_id[outcome.run_id], outcome.reason or "unknown failure")
         status[outcome.run_id] = {"status": "finished" if outcome.ok else "failed",
                                   "reason": outcome.reason}
-        _write_json(status_path, status)
-        line = progress.finished(outcome)
-        if line:
-            log(line)
+        _write_json(workdir / STATUS_FILE, status)
+        log(progress.finished(outcome))
 
     by_id = {s.run_id: s for s in specs}
-    runnable = [s for s in specs if not (s.run_id in skip_ids and before[s.run_id] == "failed")]
-    failed_before = [s for s in specs if s.run_id in skip_ids and before[s.run_id] == "failed"]
-    for s in failed_before:
-        record = _read_json(Path(s.workdir) / "record.json", {})
-        status[s.run_id] = {"status": "failed", "reason": record.get("failure_reason")}
-    executor.run(_with_failed_dependencies(runnable, failed_before, done), done, skip=skip)
-    _write_json(status_path, status)
+    executor.run(specs, done, skip=skip)
+    _write_json(workdir / STATUS_FILE, status)
     return status
-
-
-def _with_failed_dependencies(runnable, failed_before, done):
-    """Runs whose base failed in an earlier invocation fail at once, without starting."""
-    failed_ids = {s.run_id for s in failed_before}
-    out = []
-    for s in runnable:
-        bad = [d for d in s.depends_on if d in failed_ids]
-        if bad:
-            done(Outcome(s.run_id, False, f"dependency {bad[0]} failed"))
-            failed_ids.add(s.run_id)
-        else:
-            out.append(s)
-    return out
 
 
 # --- fitting and the report ----------------------------------------------------------------------
@@ -643,8 +634,6 @@ def _report(study: Study, doc, status, collection, out: Path) -> str:
 
 def main(argv=None) -> int:
     from absl import app, flags
-    from ml_collections import config_flags
-
     from absl import logging as absl_logging
 
     del argv

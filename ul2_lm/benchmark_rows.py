@@ -17,6 +17,14 @@ def machine() -> str:
     return f"{jax.local_device_count()} x {device.device_kind}"
 
 
+def under_load(fn, *args):
+    """(fn(*args), 'load average A -> B'): other jobs on a shared machine show in absolute
+    figures, so a row says how busy the machine was before and after."""
+    before = os.getloadavg()[0]
+    result = fn(*args)
+    return result, f"load average {before:.1f} -> {os.getloadavg()[0]:.1f}"
+
+
 def append_row(path: str, script: str, flags: Sequence[str], cells: Sequence[str]) -> None:
     """Appends `| date | machine | command | *cells |` to the Markdown table in `path`."""
     command = " ".join([f"python benchmarks/{script}"] +

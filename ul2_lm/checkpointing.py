@@ -423,7 +423,13 @@ def restore_subtree(directory: str | os.PathLike, key: str, abstract: Any,
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
                        METADATA: ocp.JsonCheckpointHandler()})
-    step_dir = directory / str(step)
+    try:
+        return _restore_part(manager, directory / str(step), step, key, abstract), step
+    finally:
+        manager.close()
+
+
+def _restore_part(manager, step_dir: epath.Path, step: int, key: str, abstract: Any) -> Any:
     try:
         stored = manager.item_metadata(step)[STATE]
         stored = _flat_metadata(stored.tree if hasattr(stored, "tree") else stored)
@@ -443,6 +449,4 @@ def restore_subtree(directory: str | os.PathLike, key: str, abstract: Any,
             partial_restore=True)}))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{step_dir}: reading the {key!r} arrays failed") from e
-    finally:
-        manager.close()
-    return restored[STATE][key], step
+    return restored[STATE][key]

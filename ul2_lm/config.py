@@ -446,6 +446,30 @@ def finetuning(method: str, c: ml_collections.ConfigDict | None = None) -> ml_co
     return c
 
 
+def tiny_finetuning(method: str) -> ml_collections.ConfigDict:
+    """Finetuning the tiny model (pretrained by configs/tiny_ul2.py into runs/tiny_ul2) with
+    `method` on 1,000 embedded xen->xde translation pairs: minutes on a laptop CPU, with every
+    final measurement (generation, zero-shot xsc->xde, one-shot) switched on."""
+    c = finetuning(method)
+    c.model.size = "tiny"
+    c.finetune.base_workdir = "runs/tiny_ul2"
+    c.data.task = "ft_embedded_xen_xde"
+    c.data.seq_len = 128
+    c.data.finetune.num_examples = 1_000
+    c.data.num_eval_batches = 2
+    c.train.num_steps = 200
+    c.finetune.num_epochs = 20
+    c.train.eval_every_steps = 50
+    c.train.log_every_steps = 10
+    c.optim.warmup_steps = 10
+    c.checkpoint.every_steps = 50
+    c.evaluation.num_generate_examples = 32
+    c.evaluation.max_new_tokens = 48
+    c.evaluation.zero_shot_tasks = ("ft_embedded_xsc_xde",)
+    c.evaluation.few_shot = (1,)
+    return c
+
+
 def paper_finetuning(method: str, size: str = "1b",
                      task: str = "ft_wmt14_ende") -> ml_collections.ConfigDict:
     """Finetuning one of the paper's models (pretrained by `paper_pretraining(size)` into

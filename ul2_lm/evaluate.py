@@ -230,8 +230,8 @@ def final_evaluation(*, config, models: dict[str, nnx.Module], eval_step, params
     with partitioning.activate(mesh, rules):
         for split in ev.splits:
             name = split_names.get(split, split)
-            scores = loss_metrics(eval_step, params, frozen, config, mesh, rules, split=split,
-                                  task=task)
+            # The task the run evaluated during training (data.eval_task, else data.task).
+            scores = loss_metrics(eval_step, params, frozen, config, mesh, rules, split=split)
             final[f"{name}_loss"], final[f"{name}_perplexity"] = scores["loss"], scores["perplexity"]
             log.info("best checkpoint: %s loss %.4f perplexity %.2f", split, scores["loss"],
                      scores["perplexity"])

@@ -145,7 +145,7 @@ def find_base(config: ml_collections.ConfigDict, model_config: model_lib.ModelCo
                           f"{step} is not a checkpoint of {workdir}; its steps are {steps}")
     record = record_lib.read(workdir)
     if record is not None:
-        if record.get("pet") is not None:
+        if record.get("kind") != "pretrain":
             raise ConfigError("finetune.base_workdir",
                               f"{workdir} is a {record['method']} finetuning run: its "
                               "checkpoints hold only the method's parameters, not a base model")

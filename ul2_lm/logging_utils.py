@@ -28,6 +28,15 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def human_bytes(n: float) -> str:
+    """'512 B', '14.0 KiB', '1.3 MiB', '2.4 GiB'."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 class MetricWriter:
     """Scalars to TensorBoard event files under `logdir`, and a one-line summary to the console."""
 

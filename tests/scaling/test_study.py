@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import ml_collections
 import pytest
 
 from scaling import executors, records, study as study_lib
@@ -95,8 +94,6 @@ def test_a_bad_override_is_named_before_any_run():
 
 @pytest.mark.parametrize("name", ["paper_wmt14_ende", "paper_wmt19_enzh", "paper_mlsum"])
 def test_planning_a_paper_study_lists_runs_hours_and_commands(name, capsys):
-    from absl import flags
-
     s = study_lib.parse(study_lib.load_config_file(REPO / f"configs/studies/{name}.py"))
     specs = study_lib.plan(s, "gs://bucket/study")
     study_lib.validate_runs(specs, num_devices=64)
@@ -261,3 +258,26 @@ def test_the_recommendation_picks_the_lower_law_and_warns_of_an_uncertified_fit(
     doc["results"][1]["certified"] = False
     lines = study_lib.recommendation(study, doc)
     assert "**lora**" in lines[0] and lines[-1].startswith("- Caution: the fit of lora is not")
+
+
+def test_a_record_the_executor_brings_home_counts_as_finished_without_running(tmp_path):
+    """The gcloud executor syncs the bucket's records before it asks what to skip: a run that
+    finished on a slice while the study was away must not run again, and counts as finished."""
+    from ul2_lm import record as record_lib
+
+    s = study_lib.parse(micro_study())
+    specs = study_lib.plan(s, str(tmp_path))
+    away = specs[0]
+    ran, lines = [], []
+
+    class Syncing(executors.SequentialExecutor):
+        def run(self, specs, done, skip=None):
+            record_lib.write(away.workdir, {"record_version": record_lib.RECORD_VERSION,
+                                            "status": "finished"})
+            super().run(specs, done, skip)
+
+    status = study_lib.execute(s, specs, tmp_path, Syncing(lambda spec: ran.append(spec.run_id)),
+                               log=lines.append)
+    assert away.run_id not in ran and len(ran) == len(specs) - 1
+    assert status[away.run_id] == {"status": "finished", "reason": None}
+    assert lines[-1].startswith(f"[{len(specs)}/{len(specs)} runs")

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from tests.ul2_lm.killable_run import run_driver
 from ul2_lm import checkpointing, config as config_lib, record as record_lib, train
 from ul2_lm.config import ConfigError
 
@@ -179,32 +178,6 @@ def test_the_evaluate_command_reevaluates_a_run_on_any_split(runs):
     assert record_lib.read(workdir)["evaluations"][-1]["final"] == results["final"]
 
 
-DRIVER = textwrap.dedent("""
-    import json, os, signal, sys
-    import ml_collections
-    from ul2_lm import checkpointing, train
-
-    kill_after_save = int(sys.argv[3])
-    if kill_after_save:
-        original = checkpointing.CheckpointManager.save
-
-        def save_then_die(self, step, *args, **kwargs):
-            original(self, step, *args, **kwargs)
-            if step == kill_after_save:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        checkpointing.CheckpointManager.save = save_then_die
-    train.run(ml_collections.ConfigDict(json.loads(sys.argv[2])), sys.argv[1])
-""")
-
-
-def run_driver(workdir, config, kill_after_save=0):
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run(
-        [sys.executable, "-c", DRIVER, str(workdir), json.dumps(config_lib.to_dict(config)),
-         str(kill_after_save)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
 def test_a_killed_lora_run_resumes_bitwise_exactly(base, tmp_path):
     config = finetune_config("lora", base, checkpoint__every_steps=2, train__num_steps=6)
     config.evaluation.num_generate_examples = 0
@@ -346,3 +319,13 @@ def test_a_bad_pairs_file_is_named_before_anything_is_built(base, tmp_path, cont
         train.run(config, tmp_path / "run")
     assert str(path) in str(info.value) and words in str(info.value), str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["fmt", "lora"])
+def test_a_finetuning_run_is_refused_as_a_base(runs, method, tmp_path):
+    """FMT checkpoints hold a whole model, but it is not a pretraining run: its steps are not
+    pretraining tokens, so the scaling fits would be wrong."""
+    finetuned = runs[method][0]
+    config = finetune_config("lora", finetuned)
+    with pytest.raises(ConfigError, match=f"finetune.base_workdir.*is a {method} finetuning run"):
+        train.build(config)

@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ul2_lm import config as config_lib, model_sizes, plan
 
 REPO = Path(__file__).resolve().parents[2]

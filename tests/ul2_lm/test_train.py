@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.ul2_lm.killable_run import run_driver
 from ul2_lm import (checkpointing, config as config_lib, losses, model as model_lib, model_sizes,
                     optim, partitioning, record as record_lib, steps, synthetic, train,
                     train_state)
@@ -98,46 +98,20 @@ def test_loss_falls_on_learnable_data(tmp_path):
     assert last < first
 
 
-DRIVER = textwrap.dedent("""
-    import os, signal, sys
-    from ul2_lm import checkpointing, train
-    from tests.ul2_lm.test_train import small_run_config
-
-    kill_after_save = int(sys.argv[2])
-    if kill_after_save:
-        original = checkpointing.CheckpointManager.save
-
-        def save_then_die(self, step, *args, **kwargs):
-            original(self, step, *args, **kwargs)
-            if step == kill_after_save:
-                # The async save of this step is still in flight: die without finishing it.
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        checkpointing.CheckpointManager.save = save_then_die
-    train.run(small_run_config(task="ul2_embedded_ende"), sys.argv[1])
-""")
-
-
-def run_driver(workdir, kill_after_save=0):
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run([sys.executable, "-c", DRIVER, str(workdir), str(kill_after_save)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("kill_after_save", [4])
 def test_resume_after_sigkill_during_a_save_is_bitwise_exact(tmp_path, kill_after_save):
     # The reference is the same command run uninterrupted, in a process of its own like the
     # others (a test process has other libraries loaded and other state).
     config = small_run_config(task="ul2_embedded_ende")
     reference_dir = tmp_path / "uninterrupted"
-    uninterrupted = run_driver(reference_dir)
+    uninterrupted = run_driver(reference_dir, config)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     workdir = tmp_path / "killed"
-    killed = run_driver(workdir, kill_after_save)
+    killed = run_driver(workdir, config, kill_after_save)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     before = record_lib.read(workdir)
     assert before["status"] == "running"
-    resumed = run_driver(workdir)
+    resumed = run_driver(workdir, config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
     assert_trees_bitwise_equal(final_params(workdir, config), final_params(reference_dir, config))
