@@ -293,15 +293,6 @@ class ParallelExecutor(Executor):
     def processes(self, spec: RunSpec) -> list[_Process]:
         return [_Process(self.command(spec), Path(spec.workdir) / self.log_name)]
 
-    def _upload_code(self) -> tuple[str | os.PathLike, _Result]:
-        """(the archive, the upload's result): `repo_archive`, or a tarball of the checkout made
-        for the upload and deleted after it (only its name is used later)."""
-        if self.repo_archive is not None:
-            return self.repo_archive, self._issue(self.upload_code_command(self.repo_archive))
-        with tempfile.TemporaryDirectory(prefix="ul2_lm_src_") as tmp:
-            archive = make_source_archive(Path(tmp) / "ul2_lm-src.tar.gz")
-            return archive, self._issue(self.upload_code_command(archive))
-
     # Scheduling.
 
     def run(self, specs: Sequence[RunSpec], done: Done, skip: Skip | None = None) -> None:
