@@ -396,11 +396,9 @@ def _check_compatible(step_dir: epath.Path, stored: Mapping[str, Any],
 def committed_steps(directory: str | os.PathLike) -> list[int]:
     """The committed steps under a run's checkpoint directory, oldest first, read without
     creating or changing anything (a missing directory has none)."""
-    directory = paths.as_path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / STATE).is_dir())
+    # Orbax's own test of a finished step: renamed from its temporary name on a file system,
+    # a commit marker on GCS (where a step is written in place).
+    return sorted(ocp.utils.checkpoint_steps(paths.as_path(directory)))
 
 
 def restore_subtree(directory: str | os.PathLike, key: str, abstract: Any,

@@ -3,6 +3,7 @@ that survives a corrupt newest step or a save killed half-way."""
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -298,3 +299,13 @@ def test_a_save_killed_midway_leaves_the_previous_step_to_resume_from(tmp_path):
     # The resumed run can save the step that was lost.
     m.save(2, {"step": jnp.int32(2), "w": jnp.zeros((4 * 2**20,))}, metadata={"step": 2})
     assert m.latest_step() == 2
+
+
+def test_a_step_still_being_written_is_not_committed(tmp_path):
+    """A finetuning run reads its base's steps without a manager: a save in flight (orbax's
+    temporary directory) must not count as a step it could read."""
+    save_steps(tmp_path, [1, 2])
+    in_flight = tmp_path / "3.orbax-checkpoint-tmp-1234"
+    shutil.copytree(tmp_path / "2", in_flight)
+    assert checkpointing.committed_steps(tmp_path) == [1, 2]
+    assert checkpointing.committed_steps(tmp_path / "missing") == []

@@ -58,3 +58,16 @@ def test_a_missing_base_on_a_bucket_is_named_with_its_url(fake_bucket):
     with pytest.raises(config_lib.ConfigError) as e:
         finetune.find_base(config, model_sizes.resolve(config.model))
     assert "gs://bucket/runs/pretrain/m holds no pretrained checkpoint" in str(e.value)
+
+
+def test_a_step_on_a_bucket_counts_once_its_commit_marker_is_there(fake_bucket):
+    """On GCS orbax writes a step in place and commits it with a marker file: a base read while
+    its run is still saving must not offer the half-written step."""
+    from ul2_lm import checkpointing
+
+    step = fake_bucket / "base" / "checkpoints" / "200" / "state"
+    step.mkdir(parents=True)
+    (step / "data").write_text("half of the arrays")
+    assert checkpointing.committed_steps("gs://bucket/base/checkpoints") == []
+    (step.parent / "commit_success.txt").write_text("")
+    assert checkpointing.committed_steps("gs://bucket/base/checkpoints") == [200]
