@@ -303,12 +303,8 @@ def validate_runs(specs: Sequence[RunSpec], num_devices: int | None = None) -> N
             raise StudyError("runs", f"run {spec.run_id}: {e}") from None
 
 
-def accelerator_hours(specs: Sequence[RunSpec], *, peak_flops: float, mfu: float) -> float:
-    return sum(s.train_flops for s in specs) / (peak_flops * mfu) / 3600.0
-
-
 def describe_plan(study: Study, specs: Sequence[RunSpec], *, peak_flops: float = 275e12,
-                  mfu: float = 0.4, commands: bool = True) -> str:
+                  mfu: float = 0.4) -> str:
     """The run list, the count, accelerator hours from the FLOP formula, and the commands."""
     lines = [f"study {study.name!r}: {len(specs)} runs "
              f"({sum(s.kind == 'pretrain' for s in specs)} pretraining, "
@@ -317,21 +313,17 @@ def describe_plan(study: Study, specs: Sequence[RunSpec], *, peak_flops: float =
     for s in specs:
         key = s.kind if s.kind == "pretrain" else f"finetune {s.config['finetune']['method']}"
         by_kind[key] = by_kind.get(key, 0.0) + s.train_flops
+
+    def hours(flops: float) -> float:
+        return flops / (peak_flops * mfu) / 3600
+
     total = sum(by_kind.values())
     lines.append(f"training FLOPs: {total:.3g} in all; accelerator-hours at {mfu:.0%} MFU of "
-                 f"{peak_flops / 1e12:g} TFLOP/s per chip: "
-                 f"{accelerator_hours(specs, peak_flops=peak_flops, mfu=mfu):,.1f}")
+                 f"{peak_flops / 1e12:g} TFLOP/s per chip: {hours(total):,.1f}")
     for key, value in by_kind.items():
-        lines.append(f"  {key}: {value:.3g} FLOPs "
-                     f"({value / (peak_flops * mfu) / 3600:,.1f} chip-hours)")
-    lines.append("")
-    lines.append("| run | FLOPs | command |" if commands else "| run | FLOPs |")
-    lines.append("|---|---|---|" if commands else "|---|---|")
-    for s in specs:
-        row = [s.run_id, f"{s.train_flops:.3g}"]
-        if commands:
-            row.append(f"`{s.shell_command()}`")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(f"  {key}: {value:.3g} FLOPs ({hours(value):,.1f} chip-hours)")
+    lines += ["", "| run | FLOPs | command |", "|---|---|---|"]
+    lines += [f"| {s.run_id} | {s.train_flops:.3g} | `{s.shell_command()}` |" for s in specs]
     return "\n".join(lines)
 
 
