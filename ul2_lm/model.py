@@ -125,14 +125,20 @@ class Projection(nnx.Module):
         self.num_in_dims = len(in_shape)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def matrices(self, x: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+        """x as [tokens, in_size] and the kernel as [in_size, out_size], both in the compute
+        dtype, and the shape the 2-D product takes back."""
         n = self.num_in_dims
         kernel = self.kernel[...].astype(self.dtype)
         in_size = math.prod(kernel.shape[:n])
+        out_shape = x.shape[:x.ndim - n] + kernel.shape[n:]
+        return x.astype(self.dtype).reshape(-1, in_size), kernel.reshape(in_size, -1), out_shape
+
+    def __call__(self, x: jax.Array) -> jax.Array:
         # As one 2-D matmul: on CPU, XLA handles the gradients of a rank-2 dot without the
         # strided transposes it inserts for a contraction over several batch-like dimensions.
-        y = jnp.dot(x.astype(self.dtype).reshape(-1, in_size), kernel.reshape(in_size, -1))
-        return y.reshape(x.shape[:x.ndim - n] + kernel.shape[n:])
+        x2, kernel, out_shape = self.matrices(x)
+        return jnp.dot(x2, kernel).reshape(out_shape)
 
 
 class RMSNorm(nnx.Module):

@@ -80,6 +80,44 @@ def test_the_update_is_scale_times_x_a_b_with_alpha_over_rank_or_its_square_root
         np.testing.assert_allclose(proj(x).reshape(3, -1), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("own_input", [False, True], ids=["shared_input", "dropout_input"])
+def test_the_written_out_backward_pass_equals_autodiff(own_input):
+    keys = jax.random.split(jax.random.key(1), 5)
+    x, ax = (jax.random.normal(k, (6, 8)) for k in keys[:2])
+    kernel, a, b = (jax.random.normal(k, shape) for k, shape in
+                    zip(keys[2:], ((8, 5), (8, 2), (2, 5))))
+    adapter_input = ax if own_input else None
+
+    def textbook(x, adapter_input, kernel, a, b):
+        return x @ kernel + 0.7 * (((x if adapter_input is None else adapter_input) @ a) @ b)
+
+    args = (x, adapter_input, kernel, a, b)
+    # Every subset a caller asks for: adapters only (LoRA training), with the input (a stack of
+    # layers), with the kernel (nothing frozen), and the input alone.
+    for wrt in ((3, 4), (0, 3, 4), (0, 2, 3, 4), (0,)) + (((0, 1, 3, 4),) if own_input else ()):
+        ours = jax.grad(lambda *p: jnp.sum(jnp.sin(lora.lora_matmul(*p, 0.7))), wrt)(*args)
+        theirs = jax.grad(lambda *p: jnp.sum(jnp.sin(textbook(*p))), wrt)(*args)
+        for got, want in zip(ours, theirs):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lora.lora_matmul(*args, 0.7), textbook(*args), rtol=1e-6)
+
+
+def test_a_frozen_kernel_gets_no_weight_gradient_matmul():
+    x, kernel = jnp.ones((64, 32)), jnp.ones((32, 48))
+    a, b = jnp.ones((32, 2)), jnp.ones((2, 48))
+    step = jax.jit(jax.grad(lambda x, a, b: jnp.sum(lora.lora_matmul(x, None, kernel, a, b, 1.0)),
+                            (0, 1, 2)))
+    def dot_results(fn, *args):
+        return {line.rsplit("-> ", 1)[-1] for line in fn.lower(*args).as_text().splitlines()
+                if "stablehlo.dot_general" in line}
+
+    # The kernel's gradient is the one [32, 48] dot; it appears only when the kernel is asked for.
+    assert "tensor<32x48xf32>" not in dot_results(step, x, a, b)
+    with_kernel = jax.jit(jax.grad(
+        lambda x, k, a, b: jnp.sum(lora.lora_matmul(x, None, k, a, b, 1.0)), (0, 1, 2, 3)))
+    assert "tensor<32x48xf32>" in dot_results(with_kernel, x, kernel, a, b)
+
+
 @SCAN
 def test_targets_select_projections_by_regex_name_list_or_all_linear(scan):
     per_model = 1 if scan else CFG.num_layers
