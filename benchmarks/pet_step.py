@@ -8,7 +8,9 @@ method's trainable filter by ul2_lm.train_state (the frozen base never reaches t
 Adafactor from config.optim with the method's parameter group (petuning.optimizer_groups), and
 ul2_lm.steps' train step, jitted with the state donated. Prompt tuning runs P = --prompt_length
 extra positions in front of every row, so its step sees P + seq_len positions; the batch is
-the same seq_len tokens for every method.
+the same seq_len tokens for every method. With --prompt_in_budget the prompt takes P of the
+seq_len positions instead (its rows hold seq_len - P tokens), so every step runs seq_len
+positions per row.
 
 After compiling and warming up, the three steps are timed round-robin (each call blocks on its
 output), so that a shared machine's load falls on all three alike; figures are medians. Also
@@ -47,9 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="small", help=f"one of {sorted(model_sizes.SIZES)}")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq_len", type=int, default=256,
-                        help="tokens per sequence (prompt tuning adds --prompt_length positions)")
+                        help="tokens per sequence (prompt tuning adds --prompt_length positions, unless --prompt_in_budget)")
     parser.add_argument("--prompt_length", type=int, default=100, help="prompt tuning's P")
+    parser.add_argument("--prompt_in_budget", action="store_true",
+                        help="prompt tuning's rows hold seq_len - P tokens, so that every "
+                             "method's step runs seq_len positions (the prompt takes its place "
+                             "in a fixed sequence budget) instead of P + seq_len")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    parser.add_argument("--unfactored", action="store_true",
+                        help="Adafactor keeps full second moments (config.optim.factored=False), "
+                             "so optimiser state grows with the trainable parameters as Adam's "
+                             "does; default: the paper's factored Adafactor")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (one step per method)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compiling")
     parser.add_argument("--results_md", default=None,
@@ -125,22 +135,28 @@ def _compile(step, state, frozen, batch) -> tuple[float, float | None]:
 
 def run(args: argparse.Namespace) -> dict:
     cfg = model_sizes.resolve({"size": args.size})
-    if args.prompt_length + args.seq_len > cfg.max_seq_len:
+    prompt_seq_len = args.seq_len - args.prompt_length if args.prompt_in_budget else args.seq_len
+    if prompt_seq_len < 1:
+        raise SystemExit(f"--prompt_in_budget: --prompt_length={args.prompt_length} leaves no "
+                         f"room in --seq_len={args.seq_len}")
+    if args.prompt_length + prompt_seq_len > cfg.max_seq_len:
         raise SystemExit(f"--prompt_length + --seq_len = {args.prompt_length + args.seq_len} "
                          f"exceeds the {args.size} model's max_seq_len={cfg.max_seq_len}")
     config = config_lib.default_config()
+    config.optim.factored = not args.unfactored
     mesh = partitioning.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)),
                                   devices=jax.devices()[:1])
     rules = partitioning.DEFAULT_RULES
-    batch = make_batch(cfg.vocab_size, args.batch, args.seq_len)
+    seq_lens = {name: prompt_seq_len if name == "prompt" else args.seq_len for name in METHODS}
+    batches = {name: make_batch(cfg.vocab_size, args.batch, n) for name, n in seq_lens.items()}
 
-    runs = {name: build(cfg, spec, config, mesh, rules, args.seq_len)
+    runs = {name: build(cfg, spec, config, mesh, rules, seq_lens[name])
             for name, spec in method_specs(args).items()}
 
     def one_step(name: str) -> float:
         r = runs[name]
         start = time.perf_counter()
-        r["state"], metrics = r["step"](r["state"], r["frozen"], batch)
+        r["state"], metrics = r["step"](r["state"], r["frozen"], batches[name])
         jax.block_until_ready((r["state"], metrics))
         seconds = time.perf_counter() - start
         r["loss"] = float(metrics["loss"])
@@ -149,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     with partitioning.activate(mesh, rules):
         compile_s, xla_flops = {}, {}
         for name, r in runs.items():
-            compile_s[name], xla_flops[name] = _compile(r["step"], r["state"], r["frozen"], batch)
+            compile_s[name], xla_flops[name] = _compile(r["step"], r["state"], r["frozen"],
+                                                        batches[name])
             one_step(name)  # the first call: runs the compilation above
             for _ in range(args.warmup):
                 one_step(name)
@@ -163,6 +180,8 @@ def run(args: argparse.Namespace) -> dict:
     out = {
         "size": args.size, "params": model_sizes.count_params(cfg)["total"],
         "batch": args.batch, "seq_len": args.seq_len, "prompt_length": args.prompt_length,
+        "positions": {name: n + (args.prompt_length if name == "prompt" else 0)
+                      for name, n in seq_lens.items()},
         "rank": args.rank, "runs": args.runs, "step_s": median,
         "range_s": {name: (min(t), max(t)) for name, t in times.items()},
         "compile_s": compile_s, "xla_flops": xla_flops,
@@ -192,7 +211,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     r, load = benchmark_rows.under_load(run, args)
     print(f"size={r['size']} params={r['params']:,} batch={r['batch']} seq_len={r['seq_len']} "
-          f"lora rank={r['rank']} prompt_length={r['prompt_length']} runs={r['runs']} on "
+          f"lora rank={r['rank']} prompt_length={r['prompt_length']} positions per row "
+          f"{r['positions']} runs={r['runs']} on "
           f"{benchmark_rows.machine()} ({load}):")
     for name in METHODS:
         low, high = r["range_s"][name]

@@ -192,7 +192,7 @@ class LoRAProjection(Projection):
 
     def delta(self) -> jax.Array:
         """scale * A B in the kernel's shape (float32), stacked layers included."""
-        s, n = self.num_stack_dims, self.num_in_dims
+        s = self.num_stack_dims
         a = self.lora_a[...].astype(jnp.float32)
         b = self.lora_b[...].astype(jnp.float32)
         lead, rank = a.shape[:s], a.shape[-1]

@@ -212,11 +212,12 @@ class PromptTunedModel(Transformer):
             # Unpacked rows hold segment 1 (0 = padding): the prompt joins it.
             segment_ids = jnp.concatenate(
                 [self._prompt_columns(batch, 1, segment_ids.dtype), segment_ids], axis=1)
-        logits = super().__call__(
+        hidden = self.hidden_states(
             None, positions=self._shift(positions), segment_ids=segment_ids,
             causal_attention=self._prefix(batch, causal_attention, length),
             dropout_rng=dropout_rng, input_embeddings=x)
-        return logits[:, self.prompt_length:]
+        # No logits for the prompt's own positions: nothing reads them.
+        return self.logits(hidden[:, self.prompt_length:])
 
     def init_cache(self, batch_size: int, max_len: int, dtype: str | None = None) -> None:
         """A cache for `max_len` of the caller's tokens (plus the prompt's P slots)."""
@@ -231,11 +232,10 @@ class PromptTunedModel(Transformer):
         if token_mask is not None:
             token_mask = jnp.concatenate(
                 [self._prompt_columns(batch, 1, token_mask.dtype), token_mask], axis=1)
-        logits = super().prefill(
-            None, positions=self._shift(positions),
-            causal_attention=self._prefix(batch, causal_attention, length),
-            token_mask=token_mask, input_embeddings=x)
-        return logits[:, self.prompt_length:]
+        hidden = self._prefill_hidden(None, self._shift(positions),
+                                      self._prefix(batch, causal_attention, length),
+                                      token_mask, x)
+        return self.logits(hidden[:, self.prompt_length:])
 
     def decode_step(self, tokens: jax.Array | None, *, positions: jax.Array | None = None,
                     input_embeddings: jax.Array | None = None) -> jax.Array:

@@ -29,6 +29,7 @@ def test_run_reports_every_method_and_the_ratios(tmp_path, capsys):
     assert r["trainable"]["fmt"] == r["params"]
     assert 0 < r["trainable"]["prompt"] == 4 * 128  # P x d_model
     assert 0 < r["trainable"]["lora"] < r["trainable"]["fmt"]
+    assert r["positions"] == {"fmt": 16, "lora": 16, "prompt": 20}  # the prompt in front
     for name in ("lora", "prompt"):
         for key in (f"{name}_fmt_time_ratio", f"{name}_fmt_opt_state_ratio"):
             assert r[key] > 0
@@ -40,6 +41,16 @@ def test_run_reports_every_method_and_the_ratios(tmp_path, capsys):
     row = results.read_text()
     assert row.startswith("| ") and "`python benchmarks/pet_step.py --size=tiny" in row
     assert "--results_md" not in row
+
+
+def test_in_budget_prompt_runs_the_same_positions_and_unfactored_state_follows_parameters(tmp_path):
+    tiny = ["--size=tiny", "--batch=2", "--seq_len=16", "--prompt_length=4", "--rank=2",
+            "--runs=1", "--warmup=0"]
+    r = _load().main(tiny + ["--prompt_in_budget", "--unfactored"])
+    assert r["positions"] == {"fmt": 16, "lora": 16, "prompt": 16}
+    # Full second moments: one float32 per trainable parameter (plus Adafactor's step count).
+    for name in ("fmt", "lora", "prompt"):
+        assert 4 * r["trainable"][name] <= r["opt_state_bytes"][name] < 4 * r["trainable"][name] + 1024
 
 
 def test_benchmark_loads_without_tensorflow_or_seqio():

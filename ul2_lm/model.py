@@ -425,7 +425,20 @@ class Transformer(nnx.Module):
                  causal_attention: jax.Array | None = None,
                  dropout_rng: jax.Array | None = None,
                  input_embeddings: jax.Array | None = None) -> jax.Array:
-        """Logits [B, L, vocab] (float32) for a batch of (possibly packed) sequences.
+        """Logits [B, L, vocab] (float32) for a batch of (possibly packed) sequences: `logits`
+        of `hidden_states`, whose arguments it takes.
+        """
+        return self.logits(self.hidden_states(
+            tokens, positions=positions, segment_ids=segment_ids,
+            causal_attention=causal_attention, dropout_rng=dropout_rng,
+            input_embeddings=input_embeddings))
+
+    def hidden_states(self, tokens: jax.Array | None, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      causal_attention: jax.Array | None = None,
+                      dropout_rng: jax.Array | None = None,
+                      input_embeddings: jax.Array | None = None) -> jax.Array:
+        """The last layer's output [B, L, d_model], before the final norm and the logits.
 
         positions: [B, L] RoPE positions (default 0..L-1; packed data restarts them per segment).
         segment_ids: [B, L], 0 = padding (default all ones: one segment per row).
@@ -447,8 +460,7 @@ class Transformer(nnx.Module):
         if dropout_rng is not None and cfg.dropout_rate > 0:
             embed_key, dropout_rng = jax.random.split(dropout_rng)
             x = _dropout(x, cfg.dropout_rate, embed_key)
-        x = self._apply_layers(x, rope, mask, dropout_rng)
-        return self.logits(x)
+        return self._apply_layers(x, rope, mask, dropout_rng)
 
     # --- incremental decoding -----------------------------------------------------------------
 
@@ -496,12 +508,17 @@ class Transformer(nnx.Module):
         attended to, and default positions count real tokens only. causal_attention marks the
         bidirectional prefix, as in __call__.
         """
+        return self.logits(self._prefill_hidden(tokens, positions, causal_attention, token_mask,
+                                                input_embeddings))
+
+    def _prefill_hidden(self, tokens, positions, causal_attention, token_mask, input_embeddings):
+        """prefill up to the last layer's output (no logits)."""
         if self.cache_index is None:
             raise ValueError("prefill: call init_cache(batch_size, max_len) first")
         self.cache_index[...] = jnp.zeros((), jnp.int32)
         self.cache_valid[...] = jnp.zeros_like(self.cache_valid[...])
         self.cache_prefix[...] = jnp.zeros_like(self.cache_prefix[...])
-        return self._cached_forward(tokens, positions, causal_attention, token_mask, input_embeddings)
+        return self._cached_hidden(tokens, positions, causal_attention, token_mask, input_embeddings)
 
     def decode_step(self, tokens: jax.Array | None, *, positions: jax.Array | None = None,
                     input_embeddings: jax.Array | None = None) -> jax.Array:
@@ -511,9 +528,9 @@ class Transformer(nnx.Module):
         """
         if self.cache_index is None:
             raise ValueError("decode_step: call init_cache and prefill first")
-        return self._cached_forward(tokens, positions, None, None, input_embeddings)
+        return self.logits(self._cached_hidden(tokens, positions, None, None, input_embeddings))
 
-    def _cached_forward(self, tokens, positions, causal_attention, token_mask, input_embeddings):
+    def _cached_hidden(self, tokens, positions, causal_attention, token_mask, input_embeddings):
         cfg = self.config
         x = self._inputs(tokens, input_embeddings)
         batch, length = x.shape[:2]
@@ -538,8 +555,7 @@ class Transformer(nnx.Module):
         visible = visible | (prefix[:, :, None] & cached_prefix[:, None, :])
         mask = visible & valid[:, None, :]
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_max_wavelength)
-        x = self._apply_layers(x, rope, mask, None, cache_index=index)
-        return self.logits(x)
+        return self._apply_layers(x, rope, mask, None, cache_index=index)
 
 
 # --- converting parameters between the scanned and per-layer layouts -------------------------
