@@ -123,7 +123,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     return out
 
 
-def _task_spec(config, task: str):
+def _task_spec(task: str):
     from ul2_lm.data import finetune_tasks
 
     return finetune_tasks.FINETUNE_TASKS[task]
@@ -187,7 +187,7 @@ def generation_metrics(model: nnx.Module, config: ml_collections.ConfigDict, voc
         demonstrations = " ".join(f"{i} {t}" for i, t in _pairs(config, task, "train", shots))
     budget = model.config.max_seq_len - _prompt_length(model) - ev.max_new_tokens - 1
     prompts = [_fit_demonstrations(encode(inp, demonstrations), budget) for inp, _ in pairs]
-    spec = _task_spec(config, task)
+    spec = _task_spec(task)
     kind = ev.task_kind or spec.kind
     references = [t for _, t in pairs]
     result: dict[str, Any] = {"split": split, "num_examples": len(pairs)}

@@ -64,8 +64,7 @@ def _as_config_error(error: ValueError, default_key: str) -> ConfigError:
     match = _FIELD.search(str(error))
     key = default_key
     if match:
-        field = {"dropout_rate": "dropout_rate", "targets": "targets"}.get(match[2], match[2])
-        key = f"{_SECTION[match[1]]}.{field}"
+        key = f"{_SECTION[match[1]]}.{match[2]}"
     return ConfigError(key, str(error))
 
 

@@ -300,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                        "dev_perplexity": last_eval["perplexity"] if last_eval else None,
                        "skipped_steps": int(state.skipped_steps)}
     if ft is not None:
-        _evaluate_best(setup, ckpt, frozen, eval_step, record)
+        _evaluate_best(setup, ckpt, state, frozen, eval_step, record)
     record["status"] = "finished"
     if jax.process_index() == 0:
         record_lib.write(workdir, record)
@@ -329,12 +329,21 @@ def _has_dropout(ft: finetune_lib.Finetune | None) -> bool:
     return ft is not None and getattr(ft.method, "dropout_rate", 0.0) > 0
 
 
-def _evaluate_best(setup: Setup, ckpt, frozen, eval_step, record: dict[str, Any]) -> None:
-    """Evaluates the finetuning run's best checkpoint (lowest dev loss) into `record`."""
+def _evaluate_best(setup: Setup, ckpt, state, frozen, eval_step, record: dict[str, Any]) -> None:
+    """Evaluates the finetuning run's best checkpoint (lowest dev loss) into `record`.
+
+    `state` is the run's live end state: when it is the best step it is evaluated as it is;
+    otherwise only the best step's parameters are read back (not its optimiser state).
+    """
     best = ckpt.best_step() or ckpt.latest_step()
-    state, _ = ckpt.restore(setup.layout.abstract_state, step=best)
+    if best == int(state.step):
+        params = state.params
+    else:
+        ckpt.wait_until_finished()
+        params, _ = checkpointing.restore_subtree(ckpt.directory, "params",
+                                                  setup.layout.abstract_params, step=best)
     log.info("evaluating the best checkpoint: step %d", best)
-    results = _evaluate_state(setup, state, frozen, eval_step)
+    results = _evaluate_params(setup, params, frozen, eval_step)
     record["final"].update(results.pop("final"), best_step=best,
                            skipped_steps=record["final"]["skipped_steps"])
     record.update(results)
@@ -346,15 +355,15 @@ def _evaluate_best(setup: Setup, ckpt, frozen, eval_step, record: dict[str, Any]
                                                   / max(record["checkpoint"]["base_disk_bytes"], 1))
 
 
-def _evaluate_state(setup: Setup, state, frozen, eval_step) -> dict[str, Any]:
+def _evaluate_params(setup: Setup, params, frozen, eval_step) -> dict[str, Any]:
     ft, layout = setup.finetune, setup.layout
-    models = {"finetuned": nnx.merge(layout.graphdef, state.params, frozen)}
+    models = {"finetuned": nnx.merge(layout.graphdef, params, frozen)}
     if setup.config.evaluation.few_shot:
         base_graphdef = nnx.split(nnx.eval_shape(setup.plain_model))[0]
         base_params = ft.load_base_params(layout.abstract_params) if ft.kind == "fmt" else frozen
         models["base"] = nnx.merge(base_graphdef, base_params)
     return evaluate_lib.final_evaluation(config=setup.config, models=models, eval_step=eval_step,
-                                         params=state.params, frozen=frozen, mesh=setup.mesh,
+                                         params=params, frozen=frozen, mesh=setup.mesh,
                                          rules=setup.rules)
 
 
@@ -377,12 +386,12 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     setup = build(config)
     if not checkpointing.committed_steps(workdir / "checkpoints"):
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: the run has no checkpoint to evaluate")
-    ckpt = checkpointing.CheckpointManager(workdir / "checkpoints", config.checkpoint)
-    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
-    state, frozen, _ = restore_run(setup, ckpt, step)
+    with checkpointing.CheckpointManager(workdir / "checkpoints", config.checkpoint) as ckpt:
+        step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+        state, frozen, _ = restore_run(setup, ckpt, step)
     eval_step = jax.jit(steps.make_eval_step(setup.layout.graphdef))
     if setup.finetune is not None:
-        results = _evaluate_state(setup, state, frozen, eval_step)
+        results = _evaluate_params(setup, state.params, frozen, eval_step)
     else:
         with partitioning.activate(setup.mesh, setup.rules):
             results = {"final": {

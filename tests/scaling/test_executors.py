@@ -219,7 +219,12 @@ def test_parallel_interrupt_terminates_children(tmp_path):
     specs, _ = fake_specs(tmp_path, [("fast", (), {}), ("slow", (), {"sleep": 60})])
 
     def done(outcome):
-        raise KeyboardInterrupt  # As if the user pressed ^C while the study was running.
+        # As if the user pressed ^C while the slow run is running: wait until it has started
+        # (on a loaded machine the fast one can finish before the slow one's process is up).
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "slow.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
 
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
