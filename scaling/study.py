@@ -24,6 +24,7 @@ accelerator hours and the commands, and runs nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import importlib.util
@@ -241,8 +242,15 @@ def _pretrain_config(study: Study, size: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _finetune_config(study: Study, p: Point, base_workdir: str) -> ml_collections.ConfigDict:
-    c = load_config_file(study.config.finetune.configs[p.method])
+def _finetune_config(study: Study, p: Point, base_workdir: str,
+                     loaded: dict[str, ml_collections.ConfigDict] | None = None
+                     ) -> ml_collections.ConfigDict:
+    """The run config of grid point `p`. `loaded` caches the method config files by method
+    (a paper grid has hundreds of points per method); each point gets its own copy."""
+    loaded = {} if loaded is None else loaded
+    if p.method not in loaded:
+        loaded[p.method] = load_config_file(study.config.finetune.configs[p.method])
+    c = copy.deepcopy(loaded[p.method])
     _apply(c, {f"model.{k}": v for k, v in study.sizes[p.size].items()}, f"pretrain.sizes.{p.size}")
     _apply(c, dict(study.config.finetune.get("overrides", {})), "finetune.overrides")
     c.data.task = study.config.task
@@ -283,9 +291,10 @@ def plan(study: Study, workdir: str) -> list[RunSpec]:
                              config=config_lib.to_dict(c),
                              workdir=join(runs_dir, "pretrain", size),
                              train_flops=_train_flops(c)))
+    loaded = {}
     for p in study.points():
         base_id = f"pretrain/{p.size}"
-        c = _finetune_config(study, p, join(runs_dir, base_id))
+        c = _finetune_config(study, p, join(runs_dir, base_id), loaded)
         specs.append(RunSpec(run_id=p.run_id, kind="finetune", config=config_lib.to_dict(c),
                              workdir=join(runs_dir, p.run_id), depends_on=(base_id,),
                              train_flops=_train_flops(c)))
