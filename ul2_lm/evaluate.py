@@ -56,15 +56,17 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, task: str | None
 
 
 def loss_metrics(eval_step, params, frozen, config, mesh, rules, *, split: str,
-                 task: str | None = None) -> dict[str, float]:
-    """Token-level loss and perplexity over the config's evaluation batches of `split`."""
+                 task: str | None = None, batches=None) -> dict[str, float]:
+    """Token-level loss and perplexity over the config's evaluation batches of `split`
+    (`batches`: those host batches already read, e.g. kept by a run that evaluates often)."""
     nll, weight = 0.0, 0.0
-    for host_batch in eval_batches(config, split, task):
+    for host_batch in eval_batches(config, split, task) if batches is None else batches:
         batch = partitioning.host_batch_to_global(host_batch, mesh, rules,
                                                   config.train.global_batch_size)
         out = eval_step(params, frozen, batch)
-        nll += float(out["nll_sum"])
-        weight += float(out["weight_sum"])
+        # Summed on the device: the host waits once, at the end, not at every batch.
+        nll, weight = nll + out["nll_sum"], weight + out["weight_sum"]
+    nll, weight = float(nll), float(weight)
     loss = nll / max(weight, 1.0)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "target_tokens": weight}
 

@@ -236,6 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
             raise
 
     last_eval: dict[str, float] | None = None
+    dev_batches: list | None = None
     pending: tuple[int, jax.Array] | None = None  # (step, its `finite` flag), checked a step late
     window_start, window_steps = time.perf_counter(), 0
     # The data iterator's prefetch thread stops with the loop, however the loop ends.
@@ -272,8 +273,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                          scalars["loss"], scalars["learning_rate"], f"{tokens_per_s:,.0f}", 100 * mfu)
                 window_start, window_steps = time.perf_counter(), 0
             if is_eval:
+                if dev_batches is None:  # read once: the same fixed batches at every evaluation
+                    dev_batches = list(evaluate_lib.eval_batches(config, config.data.eval_split))
                 last_eval = evaluate_lib.loss_metrics(eval_step, state.params, frozen, config,
-                                                      mesh, rules, split=config.data.eval_split)
+                                                      mesh, rules, split=config.data.eval_split,
+                                                      batches=dev_batches)
                 writer.scalars(step, last_eval, prefix="dev/")
                 log.info("step %d dev loss %.4f perplexity %.2f", step, last_eval["loss"],
                          last_eval["perplexity"])

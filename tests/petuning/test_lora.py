@@ -1,6 +1,7 @@
 """LoRA's contract: a no-op at initialisation, the adapters alone train, merge and unmerge
 round-trip, adapters export and import in either layer layout, bad settings are named."""
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ from petuning.lora import LoRAConfig, LoRAProjection
 from tests.petuning.tiny import (CFG, B, L, base, base_params, leaf_paths, randomize, run,
                                  tokens, train)
 from ul2_lm import train_state
-from ul2_lm.model import stack_layer_params
+from ul2_lm.model import Transformer, stack_layer_params
 
 SCAN = pytest.mark.parametrize("scan", [True, False], ids=["scanned", "per_layer"])
 
@@ -265,6 +266,24 @@ def test_training_moves_only_the_adapters():
     assert not any(name in p for p in leaf_paths(state.opt_state)
                    for name in ("kernel", "embedding", "scale"))
     assert n_trainable < 0.25 * train_state.count(base_params(trained))
+
+
+def test_rematerialised_layers_train_the_adapters_as_stored_activations_do():
+    # The adapted matmul's written-out backward pass under the remat policies the configs use.
+    results = {}
+    for policy in ("none", "dots_no_batch", "full"):
+        cfg = dataclasses.replace(CFG, remat_policy=policy)
+
+        def make_model(cfg=cfg):
+            return lora.apply_lora(Transformer(cfg, rngs=nnx.Rngs(params=0)),
+                                   LoRAConfig(rank=2, dropout_rate=0.1), key=1)
+
+        _, _, state, _, losses = train(make_model, nnx.LoRAParam, num_steps=2, dropout=True)
+        results[policy] = losses, jax.tree.leaves(state.params)
+    for policy in ("dots_no_batch", "full"):
+        np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-6)
+        for got, want in zip(results[policy][1], results["none"][1]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_adapter_export_and_import_round_trip_across_layouts(tmp_path):
