@@ -213,19 +213,20 @@ class LoRATransformer(Transformer):
         adopt(self, base)
         self.lora_config = config
 
-    def __call__(self, tokens: jax.Array | None, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None,
-                 causal_attention: jax.Array | None = None,
-                 dropout_rng: jax.Array | None = None,
-                 input_embeddings: jax.Array | None = None) -> jax.Array:
+    def hidden_states(self, tokens: jax.Array | None, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      causal_attention: jax.Array | None = None,
+                      dropout_rng: jax.Array | None = None,
+                      input_embeddings: jax.Array | None = None) -> jax.Array:
+        # __call__ goes through here, so both get the adapters' dropout.
         kwargs = dict(positions=positions, segment_ids=segment_ids,
                       causal_attention=causal_attention, dropout_rng=dropout_rng,
                       input_embeddings=input_embeddings)
         if dropout_rng is None or self.lora_config.dropout_rate == 0:
-            return super().__call__(tokens, **kwargs)
+            return super().hidden_states(tokens, **kwargs)
         self._set_dropout_keys(jax.random.fold_in(dropout_rng, _DROPOUT_STREAM))
         try:
-            return super().__call__(tokens, **kwargs)
+            return super().hidden_states(tokens, **kwargs)
         finally:
             self._set_dropout_keys(None)
 

@@ -134,14 +134,13 @@ def _new_record(setup: Setup) -> dict[str, Any]:
     report = petuning.trainable_report(nnx.eval_shape(setup.make_model), setup.trainable)
     log.info("%s", petuning.summary(report, ft.kind))
     subset_seed = config.data.finetune.subset_seed
+    fields = ft.record_fields(setup.layout, report)
     record = record_lib.new_record(
         kind="finetune", task=config.data.task, method=ft.kind, config=config_lib.to_dict(config),
-        model=model, pet=petuning.pet_record(ft.kind, petuning.size_of(ft.method), report),
+        model=model, pet=fields.pop("pet"),
         data={"pretrain_tokens": ft.base.pretrain_tokens, "finetune_examples": ft.num_examples,
               "seed": config.data.seed if subset_seed is None else subset_seed,
               "data_seed": config.data.seed})
-    fields = ft.record_fields(setup.layout, report)
-    fields.pop("pet")
     record.update(fields)
     return record
 
