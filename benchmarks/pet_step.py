@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="small", help=f"one of {sorted(model_sizes.SIZES)}")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq_len", type=int, default=256,
-                        help="tokens per sequence (prompt tuning adds --prompt_length positions, unless --prompt_in_budget)")
+                        help="positions per sequence (prompt tuning adds --prompt_length of "
+                             "its own, unless --prompt_in_budget)")
     parser.add_argument("--prompt_length", type=int, default=100, help="prompt tuning's P")
     parser.add_argument("--prompt_in_budget", action="store_true",
                         help="prompt tuning's rows hold seq_len - P tokens, so that every "
@@ -139,9 +140,11 @@ def run(args: argparse.Namespace) -> dict:
     if prompt_seq_len < 1:
         raise SystemExit(f"--prompt_in_budget: --prompt_length={args.prompt_length} leaves no "
                          f"room in --seq_len={args.seq_len}")
-    if args.prompt_length + prompt_seq_len > cfg.max_seq_len:
-        raise SystemExit(f"--prompt_length + --seq_len = {args.prompt_length + args.seq_len} "
-                         f"exceeds the {args.size} model's max_seq_len={cfg.max_seq_len}")
+    longest = max(args.seq_len, args.prompt_length + prompt_seq_len)
+    if longest > cfg.max_seq_len:
+        raise SystemExit(f"{longest} positions per row (--seq_len={args.seq_len}, "
+                         f"--prompt_length={args.prompt_length}) exceed the {args.size} model's "
+                         f"max_seq_len={cfg.max_seq_len}")
     config = config_lib.default_config()
     config.optim.factored = not args.unfactored
     mesh = partitioning.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)),

@@ -115,15 +115,19 @@ def lora_matmul(x: jax.Array, adapter_input: jax.Array | None, kernel: jax.Array
     itself, XLA's CPU backend folds that transpose into the dot and computes the tall [in, rank]
     layout, 5-8x slower (benchmarks/RESULTS_finetuning.md).
     """
-    h = (x if adapter_input is None else adapter_input) @ a
-    return x @ kernel + (h @ b) * jnp.asarray(scale, h.dtype)
+    return _forward(x, x if adapter_input is None else adapter_input, kernel, a, b, scale)[0]
+
+
+def _forward(x, ax, kernel, a, b, scale):
+    """(x @ kernel + scale * (ax @ a) @ b, and ax @ a)."""
+    h = ax @ a
+    return x @ kernel + (h @ b) * jnp.asarray(scale, h.dtype), h
 
 
 def _lora_matmul_fwd(x, adapter_input, kernel, a, b, scale):
     own_input = adapter_input is not None
     ax = adapter_input.value if own_input else x.value
-    h = ax @ a.value
-    y = x.value @ kernel.value + (h @ b.value) * jnp.asarray(scale, h.dtype)
+    y, h = _forward(x.value, ax, kernel.value, a.value, b.value, scale)
     # What the backward pass needs, by which cotangents are asked for; None marks the rest
     # (and whether the adapter had an input of its own).
     residuals = (x.value if kernel.perturbed else None,

@@ -650,7 +650,9 @@ def main(argv=None) -> int:
         validate_runs(specs)
         print(describe_plan(study, specs, peak_flops=FLAGS.peak_tflops * 1e12, mfu=FLAGS.mfu))
         return 0
-    if "://" in workdir:
+    from ul2_lm import paths
+
+    if paths.is_remote(workdir):
         raise app.UsageError(
             f"--workdir={workdir}: a study's own directory (its lock, status, records and "
             "report) must be local; the runs go to a bucket with --executor=gcloud "
