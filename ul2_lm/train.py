@@ -135,14 +135,14 @@ def _new_record(setup: Setup) -> dict[str, Any]:
     log.info("%s", petuning.summary(report, ft.kind))
     subset_seed = config.data.finetune.subset_seed
     fields = ft.record_fields(setup.layout, report)
-    record = record_lib.new_record(
+    # The base's config hash is part of this run's identity: a retrained base is another base.
+    base = dict(fields.pop("base"), config_hash=record_lib.hash_of(ft.base.record))
+    return record_lib.new_record(
         kind="finetune", task=config.data.task, method=ft.kind, config=config_lib.to_dict(config),
-        model=model, pet=fields.pop("pet"),
+        model=model, pet=fields.pop("pet"), base=base, extra=fields,
         data={"pretrain_tokens": ft.base.pretrain_tokens, "finetune_examples": ft.num_examples,
               "seed": config.data.seed if subset_seed is None else subset_seed,
               "data_seed": config.data.seed})
-    record.update(fields)
-    return record
 
 
 def restore_run(setup: Setup, ckpt: checkpointing.CheckpointManager, step: int | None = None):
