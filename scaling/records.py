@@ -1,8 +1,9 @@
 """Collecting run records (DIR/**/record.json) into the tidy table.
 
-Runs that are still running or have failed are skipped and counted with the reason; a record of
-an unknown schema version, or one missing a field the table needs, is an error naming the file
-and the field, never a silently dropped run.
+Records are read through their schema (ul2_lm/record.py). Runs that are still running, have
+failed, or finished without a finite loss (a diverged run under nan_policy='skip') are skipped
+and counted with the reason; a record of an unknown schema version, or one missing a field the
+table needs, is an error naming the file and the field, never a silently dropped run.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scaling import table as table_lib
+from ul2_lm import record as record_lib
+from ul2_lm.record import RECORD_NAME
 
-SUPPORTED_VERSIONS = (1,)
-RECORD_NAME = "record.json"
 # Numeric entries of `final` that are not generation metrics of the run.
 _NOT_METRICS = {"dev_loss", "test_loss", "test_perplexity", "dev_perplexity"}
 
@@ -43,29 +45,48 @@ class Collection:
         return "\n".join(lines)
 
 
-def collect(runs_dir: str | os.PathLike) -> Collection:
-    """Reads every record under runs_dir into a Collection."""
+class NoFinishedRuns(ValueError):
+    """Not one record can be fitted; `skipped` says why for each."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
+def collect(runs_dir: str | os.PathLike, target: str | None = None) -> Collection:
+    """Reads every record under runs_dir into a Collection (see `collect_records`)."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {str(root)!r} does not exist")
     paths = sorted(root.rglob(RECORD_NAME))
     if not paths:
         raise ValueError(f"no run records ({RECORD_NAME}) under {str(root)!r}")
+    return collect_records(paths, target, where=f"under {str(root)!r}")
+
+
+def collect_records(paths: Iterable[str | os.PathLike], target: str | None = None, *,
+                    where: str = "") -> Collection:
+    """The records at `paths` (record.json files; a missing one is skipped as not started) as
+    a Collection. With `target`, a finished run whose final.<target> is missing or not finite
+    is skipped with that reason. NoFinishedRuns when none is left to fit."""
     rows, skipped = [], []
     for path in paths:
         try:
-            rec = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        row, reason = parse(rec, str(path))
+            record = record_lib.load(path)
+        except record_lib.RecordError as e:
+            raise ValueError(str(e)) from None
+        if record is None:
+            skipped.append((str(path), "not started: no record"))
+            continue
+        row, reason = _row(record, str(path), target)
         if reason is not None:
             skipped.append((str(path), reason))
         else:
             rows.append(row)
     if not rows:
-        raise ValueError(f"no finished finetuning runs under {str(root)!r} "
-                         f"({len(skipped)} skipped: "
-                         + "; ".join(f"{p}: {r}" for p, r in skipped[:5]) + ")")
+        raise NoFinishedRuns(f"no finished finetuning runs {where or 'in the records given'} "
+                             f"({len(skipped)} skipped: "
+                             + "; ".join(f"{p}: {r}" for p, r in skipped[:5]) + ")", skipped)
     metrics = sorted({k for r in rows for k in r["metrics"]})
     cols: dict[str, list[Any]] = {k: [] for k in table_lib.CORE + tuple(metrics) + ("run",)}
     for r in rows:
@@ -77,65 +98,64 @@ def collect(runs_dir: str | os.PathLike) -> Collection:
     return Collection(table=table_lib.Table(cols), skipped=skipped)
 
 
-def parse(rec: Any, where: str) -> tuple[dict[str, Any] | None, str | None]:
-    """One record -> (row, None), or (None, reason to skip). Raises on malformed records."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: a run record must be a JSON object")
-    version = _field(rec, "record_version", where)
-    if version not in SUPPORTED_VERSIONS:
-        raise ValueError(f"{where}: unknown record_version {version!r}; this reader supports "
-                         f"{list(SUPPORTED_VERSIONS)}")
-    status = _field(rec, "status", where)
-    if status == "running":
+def parse(rec: Any, where: str, target: str | None = None
+          ) -> tuple[dict[str, Any] | None, str | None]:
+    """One record (parsed JSON) -> (row, None), or (None, reason to skip). Raises ValueError
+    naming `where` and the field on a record that does not fit the schema."""
+    try:
+        record = record_lib.RunRecord.from_json(rec, where)
+    except record_lib.RecordError as e:
+        raise ValueError(str(e)) from None
+    return _row(record, where, target)
+
+
+def _row(rec: record_lib.RunRecord, where: str, target: str | None
+         ) -> tuple[dict[str, Any] | None, str | None]:
+    if rec.status == "running":
         return None, "unfinished: status is 'running'"
-    if status == "failed":
-        return None, f"failed: {rec.get('failure_reason') or 'no reason recorded'}"
-    if status != "finished":
-        raise ValueError(f"{where}: field 'status' is {status!r}; expected running, finished "
-                         "or failed")
-    if _field(rec, "kind", where) != "finetune":
-        return None, f"not a finetuning run: kind is {rec['kind']!r}"
-    model = _field(rec, "model", where)
-    data = _field(rec, "data", where)
-    final = _field(rec, "final", where)
-    pet = rec.get("pet")
+    if rec.status == "failed":
+        return None, f"failed: {rec.failure_reason or 'no reason recorded'}"
+    if rec.kind != "finetune":
+        return None, f"not a finetuning run: kind is {rec.kind!r}"
+    losses = ("dev_loss", "test_loss")
+    if all(rec.final_metric(k) is None for k in losses):
+        return None, ("no finite loss: final." + " and final.".join(
+            f"{k} is {_shown(rec.final, k)}" for k in losses)
+            + " (a diverged run records its non-finite losses as null)")
+    if target is not None and rec.final_metric(target) is None:
+        return None, (f"no finite {target}: final.{target} is {_shown(rec.final, target)} "
+                      "(a diverged run records its non-finite losses as null)")
     row = {
-        "task": str(_field(rec, "task", where)),
-        "method": str(_field(rec, "method", where)),
-        "model_params": _number(model, "num_params", where, "model"),
-        "pretrain_tokens": _number(data, "pretrain_tokens", where, "data"),
-        "pet_size": math.nan if pet is None else _number(pet, "size", where, "pet"),
-        "finetune_examples": _number(data, "finetune_examples", where, "data"),
-        "seed": _number(data, "seed", where, "data"),
-        "dev_loss": _number(final, "dev_loss", where, "final", required=False),
-        "test_loss": _number(final, "test_loss", where, "final", required=False),
+        "task": rec.task,
+        "method": rec.method,
+        "model_params": _number(rec.model.num_params, "model.num_params", where),
+        "pretrain_tokens": _number(rec.data.pretrain_tokens, "data.pretrain_tokens", where),
+        "pet_size": math.nan if rec.pet is None else _number(rec.pet.size, "pet.size", where),
+        "finetune_examples": _number(rec.data.finetune_examples, "data.finetune_examples",
+                                     where),
+        "seed": _number(rec.data.seed, "data.seed", where),
+        "dev_loss": _or_nan(rec.final_metric("dev_loss")),
+        "test_loss": _or_nan(rec.final_metric("test_loss")),
         "run": str(Path(where).parent),
-        "metrics": {k: float(v) for k, v in final.items()
+        "metrics": {k: float(v) for k, v in rec.final.items()
                     if k not in _NOT_METRICS and isinstance(v, (int, float))
                     and not isinstance(v, bool)},
     }
-    if math.isnan(row["dev_loss"]) and math.isnan(row["test_loss"]):
-        raise ValueError(f"{where}: field 'final' has neither 'dev_loss' nor 'test_loss'")
     return row, None
 
 
-def _field(rec, key, where):
-    if key not in rec:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return rec[key]
+def _shown(final: dict[str, Any], key: str) -> str:
+    return "missing" if key not in final else json.dumps(final[key])
 
 
-def _number(obj, key, where, parent, required=True):
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: field {parent!r} must be an object")
-    v = obj.get(key)
-    if v is None:
-        if required:
-            raise ValueError(f"{where}: missing field '{parent}.{key}'")
-        return math.nan
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: field '{parent}.{key}' must be a number, got {v!r}")
-    return float(v)
+def _number(value: float | None, name: str, where: str) -> float:
+    if value is None:
+        raise ValueError(f"{where}: missing field {name!r}")
+    return float(value)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def select(table: table_lib.Table, *, task=None, method=None) -> table_lib.Table:
