@@ -309,3 +309,19 @@ def rectified(p, x):
     Linear in B and E, so the global search grids only (dl, beta).
     """
     return logsumexp(p.b - logsumexp(p.dl, p.beta * x.df), p.e)
+
+
+@register("joint_rectified", inputs=("x", "df"), linear=("a", "e"), shared=("beta",),
+          params={"a": _LOG_COEF, "alpha": _EXPONENT, "dl": (-20.0, 40.0), "beta": _EXPONENT,
+                  "e": (-60.0, 60.0), "alpha_e": (-2.0, 2.0)},
+          grid={"alpha": _EXPONENT_GRID, "dl": (-2.0, 16.0), "beta": (0.05, 2.0),
+                "alpha_e": (-0.5, 0.5)})
+def joint_rectified(p, x):
+    """L(X, Df) = A X^-alpha / (D_l + Df^beta) + E X^-alpha_e, shared by the models of a family.
+
+    At each model size it is the rectified law (B = A X^-alpha, floor E X^-alpha_e); for
+    Df^beta >> D_l and alpha_e = 0 it is the multiplicative law. The floor scales with X
+    because real curves of one family cross at large Df (smaller models catch up), which a
+    floor common to all sizes cannot follow; alpha_e may take either sign.
+    """
+    return logsumexp(p.a - p.alpha * x.x - logsumexp(p.dl, p.beta * x.df), p.e - p.alpha_e * x.x)
