@@ -115,6 +115,11 @@ def default_config() -> ml_collections.ConfigDict:
         base_step=None,  # None: the base run's newest checkpoint
         num_epochs=None,  # stop after this many epochs over the finetuning data, or at
         # train.num_steps, whichever comes first (needs data.pack=False)
+        eval_every_epochs=None,  # evaluate dev loss every this many epochs (None: every
+        # train.eval_every_steps); at least every step
+        early_stopping_evals=None,  # stop once this many evaluations in a row have not
+        # lowered the best dev loss by early_stopping_min_delta (None: no early stopping)
+        early_stopping_min_delta=0.0,  # nats per target token
         lora=dict(rank=4, alpha=None, targets=None, dropout_rate=0.0, use_rslora=False),
         prompt=dict(length=100, init="vocab", top_k=5000, init_text=None),
         # Optimiser settings of the method's new parameters (LoRA A/B, the prompt); parameter
@@ -124,6 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
     # What a finetuning run measures at the end, on its best checkpoint (ul2_lm/evaluate.py).
     c.evaluation = dict(
         splits=("validation", "test"),  # token-level loss and perplexity
+        num_eval_batches=None,  # batches of each split measured at the end (and of each
+        # zero-shot task); None: data.num_eval_batches
         generate_split="test",
         num_generate_examples=64,  # None: the whole split; 0: no generation
         max_new_tokens=64,
@@ -166,6 +173,10 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "finetune.base_workdir": (str,),
     "finetune.base_step": (int,),
     "finetune.num_epochs": (float, int),
+    "finetune.eval_every_epochs": (float, int),
+    "finetune.early_stopping_evals": (int,),
+    "finetune.early_stopping_min_delta": (float, int),
+    "evaluation.num_eval_batches": (int,),
     "finetune.lora.alpha": (float, int),
     "finetune.lora.targets": (str, list, tuple),
     "finetune.prompt.init_text": (str,),
@@ -286,10 +297,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         _positive(config, key, allow_zero=True)
     for key in ("evaluation.max_new_tokens",
                 "evaluation.decode_batch_size", "evaluation.beam_size", "finetune.num_epochs",
+                "finetune.eval_every_epochs", "finetune.early_stopping_evals",
+                "evaluation.num_eval_batches",
                 "finetune.lora.rank", "finetune.prompt.length", "finetune.prompt.top_k",
                 "finetune.optim.peak_learning_rate"):
         _positive(config, key)
-    for key in ("evaluation.length_alpha", "evaluation.num_generate_examples", "finetune.base_step", "finetune.optim.final_learning_rate"):
+    for key in ("evaluation.length_alpha", "evaluation.num_generate_examples", "finetune.base_step",
+                "finetune.optim.final_learning_rate", "finetune.early_stopping_min_delta"):
         _positive(config, key, allow_zero=True)
     for i, shots in enumerate(config.evaluation.few_shot):
         if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:

@@ -40,12 +40,13 @@ log = logging_utils.log
 # --- loss and perplexity ---------------------------------------------------------------------
 
 
-def eval_batches(config: ml_collections.ConfigDict, split: str, task: str | None = None):
-    """This host's part of the fixed evaluation batches of `split` (of `task`, default the
-    config's eval task)."""
+def eval_batches(config: ml_collections.ConfigDict, split: str, task: str | None = None,
+                 num_batches: int | None = None):
+    """This host's part of the first `num_batches` (default data.num_eval_batches) fixed
+    evaluation batches of `split` (of `task`, default the config's eval task)."""
     kwargs = dict(global_batch_size=config.train.global_batch_size,
                   shard_index=jax.process_index(), num_shards=jax.process_count(),
-                  num_batches=config.data.num_eval_batches)
+                  num_batches=num_batches or config.data.num_eval_batches)
     if config.data.task == "synthetic":
         from ul2_lm import synthetic
 
@@ -56,11 +57,15 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, task: str | None
 
 
 def loss_metrics(eval_step, params, frozen, config, mesh, rules, *, split: str,
-                 task: str | None = None, batches=None) -> dict[str, float]:
+                 task: str | None = None, batches=None, num_batches: int | None = None
+                 ) -> dict[str, float]:
     """Token-level loss and perplexity over the config's evaluation batches of `split`
-    (`batches`: those host batches already read, e.g. kept by a run that evaluates often)."""
+    (`batches`: those host batches already read, e.g. kept by a run that evaluates often;
+    `num_batches`: how many to read otherwise, default data.num_eval_batches)."""
     nll, weight = 0.0, 0.0
-    for host_batch in eval_batches(config, split, task) if batches is None else batches:
+    if batches is None:
+        batches = eval_batches(config, split, task, num_batches)
+    for host_batch in batches:
         batch = partitioning.host_batch_to_global(host_batch, mesh, rules,
                                                   config.train.global_batch_size)
         out = eval_step(params, frozen, batch)
@@ -233,30 +238,33 @@ def final_evaluation(*, config, models: dict[str, nnx.Module], eval_step, params
         for split in ev.splits:
             name = split_names.get(split, split)
             # The task the run evaluated during training (data.eval_task, else data.task).
-            scores = loss_metrics(eval_step, params, frozen, config, mesh, rules, split=split)
+            scores = loss_metrics(eval_step, params, frozen, config, mesh, rules, split=split,
+                                  num_batches=ev.num_eval_batches)
             final[f"{name}_loss"], final[f"{name}_perplexity"] = scores["loss"], scores["perplexity"]
             log.info("best checkpoint: %s loss %.4f perplexity %.2f", split, scores["loss"],
                      scores["perplexity"])
         out: dict[str, Any] = {"final": final, "generation": {}, "zero_shot": {}, "few_shot": {}}
-        if not generating:
-            return out
-        gen = generation_metrics(models["finetuned"], config, vocab, task=task,
-                                 split=ev.generate_split, mesh=mesh, rules=rules)
-        out["generation"] = gen
-        final.update({k: v for k, v in gen.items() if _is_number(v) and k != "num_examples"})
-        log.info("best checkpoint: generation on %d %s examples: %s", gen["num_examples"],
-                 ev.generate_split, _brief(gen))
-        for other in ev.zero_shot_tasks:
+        if generating:
+            gen = generation_metrics(models["finetuned"], config, vocab, task=task,
+                                     split=ev.generate_split, mesh=mesh, rules=rules)
+            out["generation"] = gen
+            final.update({k: v for k, v in gen.items() if _is_number(v) and k != "num_examples"})
+            log.info("best checkpoint: generation on %d %s examples: %s", gen["num_examples"],
+                     ev.generate_split, _brief(gen))
+        # Zero-shot loss needs no generation (a study may measure transfer by loss alone).
+        for other in ev.zero_shot_tasks if task != "synthetic" else ():
             scores = loss_metrics(eval_step, params, frozen, config, mesh, rules,
-                                  split=ev.generate_split, task=other)
-            entry = {"loss": scores["loss"], "perplexity": scores["perplexity"],
-                     **generation_metrics(models["finetuned"], config, vocab, task=other,
-                                          split=ev.generate_split, mesh=mesh, rules=rules)}
+                                  split=ev.generate_split, task=other,
+                                  num_batches=ev.num_eval_batches)
+            entry = {"loss": scores["loss"], "perplexity": scores["perplexity"]}
+            if generating:
+                entry.update(generation_metrics(models["finetuned"], config, vocab, task=other,
+                                                split=ev.generate_split, mesh=mesh, rules=rules))
             out["zero_shot"][other] = entry
             final.update({f"zero_shot.{other}.{k}": v for k, v in entry.items()
                           if _is_number(v) and k != "num_examples"})
             log.info("zero-shot on %s: %s", other, _brief(entry))
-        for shots in ev.few_shot:
+        for shots in ev.few_shot if generating else ():
             entry = {}
             for who in ("finetuned", "base"):
                 entry[who] = generation_metrics(models[who], config, vocab, task=task,

@@ -205,6 +205,7 @@ class Finetune:
     base: Base
     num_examples: int  # the finetuning data: exactly this many training examples
     num_steps: int
+    eval_every_steps: int  # dev-loss evaluations (finetune.eval_every_epochs, in steps)
     encode: Callable[[str], Any] | None = None
 
     @property
@@ -402,10 +403,22 @@ def prepare(config: ml_collections.ConfigDict, model_config: model_lib.ModelConf
                               "packed row holds a varying number of them: set data.pack=False "
                               "or give train.num_steps")
         # The paper's budget: at most train.num_steps steps or num_epochs epochs.
-        num_steps = min(num_steps, max(1, math.ceil(
-            ft.num_epochs * num_examples / config.train.global_batch_size)))
+        num_steps = min(num_steps, _epochs_to_steps(ft.num_epochs, num_examples, config))
+    eval_every_steps = config.train.eval_every_steps
+    if ft.eval_every_epochs is not None:
+        if config.data.pack:
+            raise ConfigError("finetune.eval_every_epochs", "an epoch counts examples, and a "
+                              "packed row holds a varying number of them: set data.pack=False "
+                              "or use train.eval_every_steps")
+        eval_every_steps = _epochs_to_steps(ft.eval_every_epochs, num_examples, config)
     if config.optim.warmup_steps > num_steps:
         raise ConfigError("optim.warmup_steps", f"{config.optim.warmup_steps} exceeds the "
                           f"run's {num_steps} steps")
     return Finetune(config=config, model_config=model_config, method=method, base=base,
-                    num_examples=num_examples, num_steps=num_steps, encode=encode)
+                    num_examples=num_examples, num_steps=num_steps,
+                    eval_every_steps=eval_every_steps, encode=encode)
+
+
+def _epochs_to_steps(epochs: float, num_examples: int, config: ml_collections.ConfigDict) -> int:
+    """Steps that `epochs` passes over `num_examples` take at the run's batch size (>= 1)."""
+    return max(1, math.ceil(epochs * num_examples / config.train.global_batch_size))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -215,6 +216,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
              config.model.size, f"{counts['total']:,}", f"{counts['non_embedding']:,}",
              dict(mesh.shape), peak_source)
 
+    eval_every = ft.eval_every_steps if ft else config.train.eval_every_steps
+    patience = ft and config.finetune.early_stopping_evals
+    min_delta = config.finetune.early_stopping_min_delta or 0.0
+    # A run resumed after it decided to stop (its history says so) trains no further.
+    stopped_at = (restored_step if patience and stops_early(record, patience, min_delta)
+                  else None)
+
     batches = train_batches(config, data_state)
     _keep_vocabulary(batches, workdir)
 
@@ -240,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     window_start, window_steps = time.perf_counter(), 0
     # The data iterator's prefetch thread stops with the loop, however the loop ends.
     with partitioning.activate(mesh, rules), contextlib.closing(batches):
-        for step in range(restored_step + 1, num_steps + 1):
+        for step in range(restored_step + 1, (stopped_at or num_steps) + 1):
             host_batch = next(batches)
             batch = partitioning.host_batch_to_global(host_batch, mesh, rules, global_batch)
             state, metrics = train_step(state, frozen, batch)
@@ -256,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                 check_finite(*pending)
             pending = (step, metrics["finite"])
 
-            is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
+            is_eval = step % eval_every == 0 or step == num_steps
             is_log = step % config.train.log_every_steps == 0 or step == num_steps
             if is_log or is_eval:
                 metrics = jax.device_get(metrics)
@@ -283,11 +291,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                 record["eval_history"].append({"step": step, "tokens_seen": step * tokens_per_step,
                                                "split": "dev", **last_eval})
                 record_lib.update_best(record)
+                if patience and stops_early(record, patience, min_delta):
+                    stopped_at = step
+                    log.info("step %d: stopping early, dev loss has not improved in %d "
+                             "evaluations (best %.4f at step %d)", step, patience,
+                             record["best"]["value"], record["best"]["step"])
                 window_start, window_steps = time.perf_counter(), 0
-            if step % config.checkpoint.every_steps == 0 or step == num_steps or (
-                    ft is not None and is_eval):
-                # A finetuning run saves at every evaluation, so that the checkpoint with the
-                # lowest dev loss is there to keep.
+            new_best = is_eval and record["best"] is not None and record["best"]["step"] == step
+            if step % config.checkpoint.every_steps == 0 or step in (num_steps, stopped_at) or (
+                    ft is not None and new_best):
+                # A finetuning run saves at every evaluation that lowers the dev loss, so that
+                # the checkpoint with the lowest dev loss is there to keep.
                 check_finite(*pending)
                 record.update(steps=step, tokens_seen=step * tokens_per_step)
                 if ft is None:
@@ -297,11 +311,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                 if jax.process_index() == 0:
                     record_lib.write(workdir, record)
                 save(step, {"dev_loss": last_eval["loss"]} if is_eval and last_eval else None)
+            if step == stopped_at:
+                break
 
     ckpt.wait_until_finished()
     record["final"] = {"dev_loss": last_eval["loss"] if last_eval else None,
                        "dev_perplexity": last_eval["perplexity"] if last_eval else None,
-                       "skipped_steps": int(state.skipped_steps)}
+                       "skipped_steps": int(state.skipped_steps), "stopped_early_at": stopped_at}
     if ft is not None:
         _evaluate_best(setup, ckpt, state, frozen, eval_step, record)
     record["status"] = "finished"
@@ -309,8 +325,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         record_lib.write(workdir, record)
     writer.close()
     ckpt.close()
-    log.info("finished %d steps; record in %s", num_steps, record_lib.path_in(workdir))
+    log.info("finished %d steps; record in %s", stopped_at or num_steps,
+             record_lib.path_in(workdir))
     return record
+
+
+def stops_early(record: dict[str, Any], patience: int, min_delta: float = 0.0) -> bool:
+    """Whether the last `patience` dev evaluations all failed to lower the best dev loss before
+    them by more than `min_delta` (a function of the record alone, so a resumed run decides as
+    the uninterrupted one did)."""
+    losses = [e["loss"] for e in record["eval_history"] if e["split"] == "dev"]
+    if len(losses) <= patience:
+        return False
+    best_before = min((v for v in losses[:-patience] if math.isfinite(v)), default=math.inf)
+    # A non-finite loss never counts as an improvement.
+    return not any(v < best_before - min_delta for v in losses[-patience:])
 
 
 VOCAB_FILE = "vocab.model"
@@ -347,8 +376,7 @@ def _evaluate_best(setup: Setup, ckpt, state, frozen, eval_step, record: dict[st
                                                   setup.layout.abstract_params, step=best)
     log.info("evaluating the best checkpoint: step %d", best)
     results = _evaluate_params(setup, params, frozen, eval_step)
-    record["final"].update(results.pop("final"), best_step=best,
-                           skipped_steps=record["final"]["skipped_steps"])
+    record["final"].update(results.pop("final"), best_step=best)
     record.update(results)
     ft = setup.finetune
     record["checkpoint"].update(

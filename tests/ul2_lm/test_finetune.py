@@ -329,3 +329,45 @@ def test_a_finetuning_run_is_refused_as_a_base(runs, method, tmp_path):
     config = finetune_config("lora", finetuned)
     with pytest.raises(ConfigError, match=f"finetune.base_workdir.*is a {method} finetuning run"):
         train.build(config)
+
+
+def test_stops_early_reads_only_the_dev_history():
+    def record(*losses):
+        return {"eval_history": [{"step": i, "split": "dev", "loss": v}
+                                 for i, v in enumerate(losses)]}
+    assert not train.stops_early(record(3.0, 2.9, 2.8), patience=2)
+    assert train.stops_early(record(3.0, 2.9, 2.95, 2.91), patience=2)
+    assert not train.stops_early(record(3.0, 2.9, 2.95, 2.89), patience=2)
+    assert train.stops_early(record(3.0, 2.9, 2.89, 2.88), patience=2, min_delta=0.05)
+    assert train.stops_early(record(3.0, float("nan"), float("nan")), patience=2)
+    assert not train.stops_early(record(3.0, 2.9), patience=2)
+
+
+def test_early_stopping_keeps_the_best_step_and_a_rerun_trains_no_further(base, tmp_path):
+    config = finetune_config("lora", base, train__num_steps=40)
+    config.data.finetune.num_examples = 8  # one step per epoch at batch 8
+    config.finetune.eval_every_epochs = 1
+    config.finetune.early_stopping_evals = 2
+    config.finetune.early_stopping_min_delta = 10.0  # no evaluation counts as an improvement
+    config.evaluation.num_generate_examples = 0
+    config.evaluation.zero_shot_tasks = ("ft_embedded_xsc_xde",)  # measured by loss alone
+    assert train.build(config).finetune.eval_every_steps == 1
+    first = train.run(config, tmp_path)
+    assert np.isfinite(first["final"]["zero_shot.ft_embedded_xsc_xde.loss"])
+    assert "bleu" not in first["zero_shot"]["ft_embedded_xsc_xde"]
+    dev = [e for e in first["eval_history"] if e["split"] == "dev"]
+    assert [e["step"] for e in dev] == [1, 2, 3]
+    assert first["steps"] == 3 and first["final"]["stopped_early_at"] == 3
+    best = min(dev, key=lambda e: e["loss"])["step"]
+    assert first["final"]["best_step"] == best
+    assert best in checkpointing.committed_steps(tmp_path / "checkpoints")
+    again = train.run(config, tmp_path)  # resumes at the stopping step: nothing left to train
+    assert again["steps"] == 3 and again["final"]["test_loss"] == first["final"]["test_loss"]
+
+
+def test_evaluation_every_epochs_counts_the_finetuning_data(base):
+    config = finetune_config("lora", base, train__num_steps=40)
+    config.finetune.eval_every_epochs = 0.5  # 32 of the 64 examples at batch 8
+    assert train.build(config).finetune.eval_every_steps == 4
+    config.finetune.eval_every_epochs = 0.01
+    assert train.build(config).finetune.eval_every_steps == 1

@@ -1,0 +1,332 @@
+"""The paper's headline findings, tested on a study's fits: each with its evidence and a verdict.
+
+Each finding is a sign (or a bound) on a quantity the fits estimate; the evidence is the
+quantity's estimate and its bootstrap interval, and the verdict is
+
+  agrees        the interval lies wholly on the finding's side,
+  contradicts   the interval lies wholly on the other side,
+  inconclusive  the interval allows both (or there is no interval: no bootstrap, too few runs).
+
+Differences of two parameters of one method use the same draws (paired); differences between
+methods pair independent draws by index, as the critical-size bands do. Only certified draws
+count. The findings (Zhang et al. 2024, reference/paper.md, section 6):
+
+  (i)   alpha_m > alpha_p: model size helps more than pretraining data;
+  (ii)  |alpha_t| small against alpha_m: PET size matters little (here: at most a quarter);
+  (iii) beta_FMT > beta of each PET method: FMT gains most from finetuning data;
+  (iv)  a PET method is best at the smallest finetuning-data size and FMT at the largest, for
+        the anchor model (the critical size lies inside the grid);
+  (v)   zero-shot transfer to a related task is better after PET than after FMT.
+
+`comparisons` computes the evidence from fitted results and their bootstrap draws (scaling.fit
+stores it in fit.json); `zero_shot` computes (v) from the runs' table; `verdicts` and
+`section` turn evidence into the report's lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from scaling import bootstrap, critical
+from scaling.table import FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS, Table
+
+AGREES, CONTRADICTS, INCONCLUSIVE = "agrees", "contradicts", "inconclusive"
+LAW = "multiplicative"  # the paper states its findings on the multiplicative law's fits
+FMT = "fmt"
+ALPHA_T_SHARE = 0.25  # (ii): "small" = |alpha_t| at most this share of alpha_m
+
+
+# --- evidence ----------------------------------------------------------------------------------
+
+
+def _quantity(estimate: float, samples: np.ndarray | None, level: float) -> dict[str, Any]:
+    """An estimate with the percentile interval of its bootstrap samples (finite ones)."""
+    if samples is None:
+        lo = hi = math.nan
+        n = 0
+    else:
+        s = np.asarray(samples, float)
+        n = int(np.isfinite(s).sum())
+        lo, hi = bootstrap.interval(s, level)
+    return {"estimate": float(estimate), "interval": [lo, hi], "draws": n}
+
+
+def _paired_rows(d1: bootstrap.Draws, d2: bootstrap.Draws) -> np.ndarray:
+    n = min(d1.n, d2.n)
+    return np.flatnonzero(d1.certified[:n] & d2.certified[:n])
+
+
+def comparisons(results: Mapping[tuple[str, str, str], Any],
+                draws: Mapping[tuple[str, str, str], bootstrap.Draws],
+                plans: Mapping[tuple[str, str, str], Any], level: float = 0.95
+                ) -> dict[str, Any]:
+    """Per task, the quantities the findings test, from the multiplicative fits.
+
+    results/plans/draws: keyed by (task, method, law) as scaling.fit builds them (draws only
+    when bootstrapped). Returns {task: {'alpha_m - alpha_p': {method: q}, '|alpha_t| / alpha_m':
+    {method: q}, 'beta_fmt - beta': {method: q}, 'data_extremes': {...}}} with q = {'estimate',
+    'interval', 'draws'}.
+    """
+    out: dict[str, Any] = {}
+    for task in dict.fromkeys(k[0] for k in results):
+        keys = {k[1]: k for k in results if k[0] == task and k[2] == LAW}
+        entry: dict[str, Any] = {"alpha_m - alpha_p": {}, "|alpha_t| / alpha_m": {},
+                                 "beta_fmt - beta": {}}
+        for method, key in keys.items():
+            params = results[key].parameters()
+            d = draws.get(key)
+            v = d.values if d is not None else None
+            ok = d.certified if d is not None else None
+            if {"alpha_m", "alpha_p"} <= set(params):
+                entry["alpha_m - alpha_p"][method] = _quantity(
+                    params["alpha_m"] - params["alpha_p"],
+                    None if v is None else (v["alpha_m"] - v["alpha_p"])[ok], level)
+            if {"alpha_m", "alpha_t"} <= set(params):
+                entry["|alpha_t| / alpha_m"][method] = _quantity(
+                    abs(params["alpha_t"]) / params["alpha_m"],
+                    None if v is None else (np.abs(v["alpha_t"]) / v["alpha_m"])[ok], level)
+        if FMT in keys:
+            fmt_key = keys[FMT]
+            for method, key in keys.items():
+                if method == FMT:
+                    continue
+                b1, b2 = results[fmt_key].parameters()["beta"], results[key].parameters()["beta"]
+                samples = None
+                if fmt_key in draws and key in draws:
+                    rows = _paired_rows(draws[fmt_key], draws[key])
+                    samples = draws[fmt_key].values["beta"][rows] - draws[key].values["beta"][rows]
+                entry["beta_fmt - beta"][method] = _quantity(b1 - b2, samples, level)
+            entry["data_extremes"] = _data_extremes(results, draws, plans, keys, level)
+        out[task] = entry
+    return out
+
+
+def _data_extremes(results, draws, plans, keys: Mapping[str, tuple], level: float
+                   ) -> dict[str, Any]:
+    """Finding (iv): at the anchor model, the FMT-minus-PET loss gap (by the model-size fits)
+    at the smallest and the largest finetuning size of the grid, and their first crossing."""
+    with_m = {m: k for m, k in keys.items() if "model_size" in results[k].factors}
+    if FMT not in with_m or len(with_m) < 2:
+        return {}
+    fmt_key = with_m[FMT]
+    anchor_x = _anchor_size(plans[fmt_key])
+    dfs = np.concatenate([plans[k].table[FINETUNE_EXAMPLES] for k in with_m.values()])
+    n_min, n_max = float(dfs.min()), float(dfs.max())
+    out: dict[str, Any] = {"model_params": anchor_x, "n_min": n_min, "n_max": n_max,
+                           "methods": {}}
+
+    def predict(key):
+        fit = results[key].factors["model_size"].fit
+        return lambda x, df: fit.predict({"x": np.asarray(x, float), "df": np.asarray(df, float)})
+
+    p_fmt = predict(fmt_key)
+    for method, key in with_m.items():
+        if method == FMT:
+            continue
+        p_pet = predict(key)
+        ends = np.array([n_min, n_max])
+        gap = p_fmt(np.full(2, anchor_x), ends) - p_pet(np.full(2, anchor_x), ends)
+        gap_samples = rows = None
+        if fmt_key in draws and key in draws:
+            rows = _paired_rows(draws[fmt_key], draws[key])
+            g1 = bootstrap.predictor(draws[fmt_key], "model_size")(rows, anchor_x, ends)
+            g2 = bootstrap.predictor(draws[key], "model_size")(rows, anchor_x, ends)
+            gap_samples = g1 - g2
+        cs = critical.curve(p_fmt, p_pet, [anchor_x], (1.0, 1e12), (n_min, n_max))[0]
+        crossing: dict[str, Any] = {"estimate": cs["df"], "status": cs["status"]}
+        if rows is not None:
+            band = critical.draws_curve(bootstrap.predictor(draws[fmt_key], "model_size"),
+                                        bootstrap.predictor(draws[key], "model_size"),
+                                        [anchor_x], (1.0, 1e12), rows, level)
+            crossing.update(interval=[band["lower"][0], band["upper"][0]],
+                            fraction_crossing=band["fraction_crossing"][0])
+        out["methods"][method] = {
+            "gap_at_min": _quantity(gap[0], None if gap_samples is None else gap_samples[:, 0],
+                                    level),
+            "gap_at_max": _quantity(gap[1], None if gap_samples is None else gap_samples[:, 1],
+                                    level),
+            "crossing": crossing}
+    return out
+
+
+def _anchor_size(plan) -> float:
+    """The model size every other sweep holds fixed (the largest swept size without them)."""
+    for factor in ("pretrain_data", "pet_size"):
+        rows = plan.fit_rows.get(factor)
+        if rows is not None and rows.size:
+            return float(np.median(plan.table[MODEL_PARAMS][rows]))
+    rows = np.concatenate([plan.fit_rows["model_size"], plan.held_rows["model_size"]])
+    return float(plan.table[MODEL_PARAMS][rows].max())
+
+
+def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict[str, Any]:
+    """Finding (v): per PET method, the mean over matched runs (same model, pretraining data,
+    finetuning size and seed) of FMT's zero-shot loss minus the PET method's (positive: PET
+    transfers better), with a bootstrap interval over the matched pairs. {} without the metric."""
+    if metric not in tab:
+        return {}
+    out: dict[str, Any] = {}
+    methods = tab["method"]
+    keys = [tab[c] for c in (MODEL_PARAMS, PRETRAIN_TOKENS, FINETUNE_EXAMPLES, "seed")]
+
+    def by_setting(mask):
+        rows = {}
+        for i in np.flatnonzero(mask & np.isfinite(tab[metric])):
+            rows.setdefault(tuple(float(k[i]) for k in keys), []).append(float(tab[metric][i]))
+        return {s: float(np.mean(v)) for s, v in rows.items()}
+
+    fmt = by_setting(methods == FMT)
+    rng = np.random.default_rng(seed)
+    for method in sorted(set(methods) - {FMT}):
+        pet_rows = methods == method
+        # The PET size each setting's default uses: the most frequent one among its runs.
+        sizes, counts = np.unique(tab[PET_SIZE][pet_rows], return_counts=True)
+        pet = by_setting(pet_rows & (tab[PET_SIZE] == sizes[np.argmax(counts)])) if sizes.size \
+            else {}
+        common = sorted(set(fmt) & set(pet))
+        if not common:
+            continue
+        diff = np.array([fmt[s] - pet[s] for s in common])
+        samples = diff[rng.integers(0, diff.size, (n_draws, diff.size))].mean(axis=1) \
+            if diff.size > 1 else None
+        out[method] = {**_quantity(diff.mean(), samples, level), "pairs": int(diff.size)}
+    return out
+
+
+# --- verdicts ------------------------------------------------------------------------------------
+
+
+def verdict(q: Mapping[str, Any] | None, threshold: float = 0.0, above: bool = True) -> str:
+    """`agrees` when the interval lies wholly above `threshold` (below, with above=False),
+    `contradicts` when wholly on the other side, else `inconclusive`."""
+    if not q:
+        return INCONCLUSIVE
+    lo, hi = q["interval"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return INCONCLUSIVE
+    if not above:
+        lo, hi, threshold = -hi, -lo, -threshold
+    if lo > threshold:
+        return AGREES
+    if hi < threshold:
+        return CONTRADICTS
+    return INCONCLUSIVE
+
+
+def combine(verdicts: Sequence[str], *, any_agrees: bool = False) -> str:
+    """One verdict from several: a contradiction anywhere contradicts; otherwise all must agree
+    (or, with any_agrees, one)."""
+    if not verdicts:
+        return INCONCLUSIVE
+    if CONTRADICTS in verdicts:
+        return CONTRADICTS
+    agreed = (AGREES in verdicts) if any_agrees else all(v == AGREES for v in verdicts)
+    return AGREES if agreed else INCONCLUSIVE
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    key: str            # 'i' ... 'v'
+    statement: str
+    verdict: str
+    evidence: tuple[str, ...]  # one line per quantity
+
+
+def _fmt(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.3g}"
+
+
+def _q(name: str, q: Mapping[str, Any], v: str) -> str:
+    lo, hi = q["interval"]
+    iv = (f"95% interval [{_fmt(lo)}, {_fmt(hi)}] ({q['draws']} draws)" if q["draws"]
+          else "no interval (no bootstrap)")
+    return f"{name} = {_fmt(q['estimate'])}, {iv}: {v}"
+
+
+def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
+             zero_shot_task: str | None = None) -> list[Finding]:
+    """The five findings for one task's evidence (`comparisons(...)[task]`)."""
+    out = []
+    qs = evidence.get("alpha_m - alpha_p", {})
+    vs = {m: verdict(q) for m, q in qs.items()}
+    out.append(Finding("i", "alpha_m > alpha_p: model size helps more than pretraining data",
+                       combine(list(vs.values())),
+                       tuple(_q(f"{m}: alpha_m - alpha_p", q, vs[m]) for m, q in qs.items())
+                       or ("no method has both a model-size and a pretraining-data fit",)))
+    qs = evidence.get("|alpha_t| / alpha_m", {})
+    vs = {m: verdict(q, ALPHA_T_SHARE, above=False) for m, q in qs.items()}
+    out.append(Finding("ii", f"|alpha_t| small against alpha_m (at most {ALPHA_T_SHARE:g} of "
+                       "it): PET size matters little", combine(list(vs.values())),
+                       tuple(_q(f"{m}: |alpha_t| / alpha_m", q, vs[m]) for m, q in qs.items())
+                       or ("no PET method has a PET-size and a model-size fit",)))
+    qs = evidence.get("beta_fmt - beta", {})
+    vs = {m: verdict(q) for m, q in qs.items()}
+    out.append(Finding("iii", "beta_FMT > beta of each PET method: FMT gains most from data",
+                       combine(list(vs.values())),
+                       tuple(_q(f"beta_fmt - beta_{m}", q, vs[m]) for m, q in qs.items())
+                       or ("no FMT fit, or no PET fit, to compare",)))
+    out.append(_extremes_finding(evidence.get("data_extremes", {})))
+    if zero:
+        vs = {m: verdict(q) for m, q in zero.items()}
+        out.append(Finding(
+            "v", f"zero-shot transfer ({zero_shot_task}) is better after PET than after FMT",
+            combine(list(vs.values())),
+            tuple(_q(f"{m}: FMT's zero-shot loss - {m}'s (mean over {q['pairs']} matched runs)",
+                     q, vs[m]) for m, q in zero.items())))
+    else:
+        out.append(Finding("v", "zero-shot transfer is better after PET than after FMT",
+                           INCONCLUSIVE, ("not evaluated by this study",)))
+    return out
+
+
+def _extremes_finding(ext: Mapping[str, Any]) -> Finding:
+    statement = ("a PET method is best at the smallest finetuning-data size and FMT at the "
+                 "largest (the critical size lies inside the grid)")
+    if not ext:
+        return Finding("iv", statement, INCONCLUSIVE, ("no FMT and PET model-size fits",))
+    lines, small, large = [], [], []
+    for m, e in ext["methods"].items():
+        v_small = verdict(e["gap_at_min"])  # FMT - PET > 0: PET better
+        v_large = verdict(e["gap_at_max"], above=False)  # FMT - PET < 0: FMT better
+        small.append(v_small)
+        large.append(v_large)
+        lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_min']:,.0f} examples",
+                        e["gap_at_min"], v_small))
+        lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_max']:,.0f} examples",
+                        e["gap_at_max"], v_large))
+        c = e["crossing"]
+        iv = c.get("interval")
+        lines.append(f"{m}: first crossing at {_fmt(c['estimate'])} examples ({c['status']})"
+                     + (f", 95% interval [{_fmt(iv[0])}, {_fmt(iv[1])}] over the "
+                        f"{c['fraction_crossing']:.0%} of draws that cross" if iv else ""))
+    # Some PET method is better at the smallest size (none clearly worse is not enough), and
+    # FMT is better than every PET method at the largest.
+    pet_small = AGREES if AGREES in small else (CONTRADICTS if all(v == CONTRADICTS
+                                                                    for v in small)
+                                                 else INCONCLUSIVE)
+    fmt_large = combine(large)
+    v = combine([pet_small, fmt_large])
+    head = (f"anchor model of {ext['model_params']:,.0f} parameters, grid "
+            f"{ext['n_min']:,.0f}-{ext['n_max']:,.0f} examples")
+    return Finding("iv", statement, v, (head, *lines))
+
+
+def section(findings: Sequence[Finding]) -> list[str]:
+    """Markdown lines: a table of verdicts, then the evidence of each finding."""
+    lines = ["| finding | verdict |", "|---|---|"]
+    lines += [f"| ({f.key}) {f.statement} | **{f.verdict}** |" for f in findings]
+    lines += ["", "Evidence (estimate, 95% bootstrap interval, verdict of each quantity; an "
+              "interval wholly on the finding's side agrees, wholly on the other side "
+              "contradicts, otherwise inconclusive):", ""]
+    for f in findings:
+        lines.append(f"- ({f.key}) {f.verdict}")
+        lines += [f"  - {e}" for e in f.evidence]
+    return lines
