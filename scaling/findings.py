@@ -199,6 +199,58 @@ def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
     return out
 
 
+def _matched_gains(tab: Table, column: str, target: str) -> np.ndarray:
+    """Loss at each value of `column` minus the loss at the next larger value, over runs that
+    match in every other factor (method, the other sizes, finetuning size, seed)."""
+    others = [c for c in (MODEL_PARAMS, PRETRAIN_TOKENS, PET_SIZE, FINETUNE_EXAMPLES, "seed")
+              if c != column]
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    y = tab[target]
+    for i in np.flatnonzero(np.isfinite(y)):
+        key = (tab["method"][i],) + tuple(
+            "nan" if not np.isfinite(tab[c][i]) else float(tab[c][i]) for c in others)
+        groups.setdefault(key, []).append((float(tab[column][i]), float(y[i])))
+    gains = []
+    for points in groups.values():
+        points.sort()
+        gains += [a[1] - b[1] for a, b in zip(points, points[1:]) if b[0] > a[0]]
+    return np.array(gains)
+
+
+def premises(tab: Table, target: str = "test_loss", n_draws: int = 1000, seed: int = 0,
+             level: float = 0.95) -> dict[str, Any]:
+    """What a scaling study presumes of its base models: a larger model, and a later
+    pretraining checkpoint, finetune to a lower loss. For each, the mean loss gain over matched
+    pairs of runs (next size up; next checkpoint), its bootstrap interval and how many pairs
+    gained. {} entries where the study has no such pairs."""
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(seed)
+    for name, column in (("larger model", MODEL_PARAMS), ("later checkpoint", PRETRAIN_TOKENS)):
+        gains = _matched_gains(tab, column, target)
+        if gains.size == 0:
+            continue
+        samples = gains[rng.integers(0, gains.size, (n_draws, gains.size))].mean(axis=1) \
+            if gains.size > 1 else None
+        out[name] = {**_quantity(gains.mean(), samples, level), "pairs": int(gains.size),
+                     "gained": int((gains > 0).sum())}
+    return out
+
+
+def premise_lines(found: Mapping[str, Any]) -> list[str]:
+    """One line per premise: holds / fails / unclear, with its evidence."""
+    lines = []
+    for name, q in found.items():
+        v = verdict(q)
+        word = {AGREES: "holds", CONTRADICTS: "FAILS", INCONCLUSIVE: "is unclear"}[v]
+        lo, hi = q["interval"]
+        lines.append(f"- A {name} finetunes better: {word}. Mean test-loss gain over "
+                     f"{q['pairs']} matched pairs of runs {_fmt(q['estimate'])} (95% interval "
+                     f"[{_fmt(lo)}, {_fmt(hi)}]); {q['gained']} of {q['pairs']} pairs gained."
+                     + ("" if v == AGREES else " The study's factors then do not measure what "
+                        "the paper's do: pretrain longer, or with larger gaps between sizes."))
+    return lines or ["- No matched pairs of runs across model sizes or checkpoints."]
+
+
 # --- verdicts ------------------------------------------------------------------------------------
 
 

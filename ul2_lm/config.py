@@ -61,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
         pack=True,
         seed=0,
         corpus_seed=0,  # the embedded world (lexicons, grammar); `seed` orders and noises data
+        bitext_rate=0.0,  # embedded pretraining: share of documents that are a passage and its
+        # translation (the rest is monolingual)
         ul2=dict(preset="ul2r", rates=None),
         text_files=None,
         tfds=dict(name=None, data_dir=None, text_feature="text", splits=None),
@@ -295,6 +297,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                 "checkpoint.keep_best", "train.z_loss", "data.prefetch_batches",
                 "optim.weight_decay", "data.vocab.extra_ids"):
         _positive(config, key, allow_zero=True)
+    if not 0.0 <= config.data.bitext_rate <= 1.0:
+        raise ConfigError("data.bitext_rate", f"must be in [0, 1], got {config.data.bitext_rate!r}")
     for key in ("evaluation.max_new_tokens",
                 "evaluation.decode_batch_size", "evaluation.beam_size", "finetune.num_epochs",
                 "finetune.eval_every_epochs", "finetune.early_stopping_evals",

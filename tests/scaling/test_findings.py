@@ -103,3 +103,22 @@ def test_zero_shot_compares_matched_runs(pet_better, expected):
     found = findings.verdicts({}, zero, "t2")
     assert _by_key(found)["v"] == expected
     assert findings.zero_shot(tab, "missing_metric") == {}
+
+
+def test_premises_compare_matched_runs():
+    cols = {k: [] for k in ("task", "method", "model_params", "pretrain_tokens", "pet_size",
+                            "finetune_examples", "seed", "test_loss")}
+    for m, t, loss in ((1e6, 1e8, 3.0), (2e6, 1e8, 2.8), (2e6, 5e7, 2.9), (4e6, 1e8, 2.9)):
+        for n in (10, 100):
+            for k, v in (("task", "t"), ("method", "fmt"), ("model_params", m),
+                         ("pretrain_tokens", t), ("pet_size", np.nan),
+                         ("finetune_examples", n), ("seed", 0), ("test_loss", loss - n / 1e3)):
+                cols[k].append(v)
+    found = findings.premises(Table(cols), n_draws=200)
+    # 1e6 -> 2e6 gains 0.2, 2e6 -> 4e6 loses 0.1, per data size; 5e7 -> 1e8 tokens gains 0.1.
+    assert found["larger model"]["pairs"] == 4 and found["larger model"]["gained"] == 2
+    assert found["larger model"]["estimate"] == pytest.approx(0.05)
+    assert found["later checkpoint"]["estimate"] == pytest.approx(0.1)
+    lines = findings.premise_lines(found)
+    assert "later checkpoint finetunes better: holds" in lines[1]
+    assert "larger model finetunes better: holds" not in lines[0]

@@ -106,3 +106,26 @@ def test_languages_are_checked():
         corpus_lib.Corpus(0).parallel("train", 0, "xen", "xfr")
     with pytest.raises(ValueError, match="dev"):
         corpus_lib.Corpus(0).monolingual("dev", 0)
+
+
+def test_bitext_documents_are_a_passage_and_its_translation_at_their_rate():
+    from ul2_lm.data import sources
+
+    plain = sources.EmbeddedSource(corpus_seed=0)
+    mixed = sources.EmbeddedSource(corpus_seed=0, bitext_rate=0.25)
+    docs = [mixed.text("train", i) for i in range(40)]
+    assert [t for _, (_, t) in zip(range(40), mixed.documents("train", seed=0))] == docs
+    bitext = [i for i, t in enumerate(docs) if " = " in t]
+    assert len(bitext) == 10 and bitext == list(range(3, 40, 4))  # evenly spread
+    world = corpus_lib.Corpus(0)
+    for i in bitext:
+        assert docs[i] == world.bitext("train", i)
+        left, right = docs[i].split(" = ")
+        # The same story on both sides: as many sentences, the same names, other words.
+        assert left.count(".") == right.count(".") >= 1
+        names = lambda text: sorted(w for w in text.split() if w[0].isupper())  # noqa: E731
+        assert names(left) == names(right)
+        assert set(left.lower().split()) != set(right.lower().split())
+    # The monolingual documents are the ones a source without bitext yields at those indices.
+    assert all(docs[i] == plain.text("train", i) for i in range(40) if i not in bitext)
+    assert repr(plain) != repr(mixed)

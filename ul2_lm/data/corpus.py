@@ -35,7 +35,7 @@ LANGUAGES = ("xen", "xde", "xsc")
 PRETRAINING_LANGUAGES = ("xen", "xde")
 LANGUAGE_NAMES = {"xen": "Xenglish", "xde": "Xdeutsch", "xsc": "Xscots"}
 SPLITS = ("train", "validation", "test")
-_KINDS = {"monolingual": 1, "parallel": 2, "summarization": 3}
+_KINDS = {"monolingual": 1, "parallel": 2, "summarization": 3, "bitext": 4}
 
 _CATEGORIES = ("person", "animal", "object", "food", "place")
 _NOUNS_PER_CATEGORY = {"person": 250, "animal": 250, "object": 700, "food": 200, "place": 250}
@@ -208,6 +208,17 @@ class Corpus:
         lang = PRETRAINING_LANGUAGES[int(rng.integers(len(PRETRAINING_LANGUAGES)))]
         doc = self._story(rng, num_facts=int(rng.integers(2, 9)))
         return lang, self.realise(doc.entities, doc.facts, lang)
+
+    def bitext(self, split: str, index: int) -> str:
+        """A pretraining document that is a passage in xen or xde followed by its translation
+        ("passage = translation"), as web text sometimes is: what lets pretraining teach the
+        lexicons' correspondence. Its stories are drawn apart from the translation task's."""
+        rng = self._example_rng(split, "bitext", index)
+        doc = self._story(rng, num_facts=int(rng.integers(1, 4)))
+        pair = [self.realise(doc.entities, doc.facts, lang) for lang in PRETRAINING_LANGUAGES]
+        if rng.random() < 0.5:
+            pair.reverse()
+        return " = ".join(pair)
 
     def parallel(self, split: str, index: int, src: str = "xen", tgt: str = "xde") -> tuple[str, str]:
         """A translation pair: the same one or two sentences in `src` and in `tgt`."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import fractions
+import math
 import mmap
 import re
 from collections.abc import Iterator, Sequence
@@ -42,17 +43,32 @@ class Source(abc.ABC):
 
 
 class EmbeddedSource(Source):
-    """Monolingual pretraining text of the embedded corpus, both languages mixed.
+    """Pretraining text of the embedded corpus: monolingual documents of both languages and,
+    at `bitext_rate`, bilingual ones (a passage and its translation, `Corpus.bitext`), evenly
+    spread.
 
     Endless with repeat=True (every document is new); one pass is its first `pass_documents`.
     """
 
-    def __init__(self, corpus_seed: int = 0, pass_documents: int = 10_000):
+    def __init__(self, corpus_seed: int = 0, pass_documents: int = 10_000,
+                 bitext_rate: float = 0.0):
+        if not 0.0 <= bitext_rate <= 1.0:
+            raise ValueError(f"bitext_rate must be in [0, 1], got {bitext_rate!r}")
         self.corpus = corpus_lib.Corpus(corpus_seed)
         self.pass_documents = pass_documents
+        self.bitext_rate = float(bitext_rate)
 
     def __repr__(self):
-        return f"EmbeddedSource(corpus_seed={self.corpus.seed}, version={corpus_lib.VERSION})"
+        rate = f", bitext_rate={self.bitext_rate:g}" if self.bitext_rate else ""
+        return (f"EmbeddedSource(corpus_seed={self.corpus.seed}, version={corpus_lib.VERSION}"
+                f"{rate})")
+
+    def text(self, split: str, index: int) -> str:
+        """Document `index`: bilingual when the running count of bitext crosses an integer."""
+        r = self.bitext_rate
+        if r and math.floor((index + 1) * r) > math.floor(index * r):
+            return self.corpus.bitext(split, index)
+        return self.corpus.monolingual(split, index)[1]
 
     def documents(self, split, *, seed, shard_index=0, num_shards=1, start=0, repeat=True):
         del seed  # documents are independent draws: their order is already random
@@ -61,7 +77,7 @@ class EmbeddedSource(Source):
             index = position * num_shards + shard_index
             if not repeat and index >= self.pass_documents:
                 return
-            yield index, self.corpus.monolingual(split, index)[1]
+            yield index, self.text(split, index)
             position += 1
 
 

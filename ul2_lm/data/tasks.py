@@ -50,7 +50,8 @@ def _tfds_data_dir(data):
 
 
 def _embedded(data):
-    return sources_lib.EmbeddedSource(corpus_seed=int(_get(data, "corpus_seed", 0)))
+    return sources_lib.EmbeddedSource(corpus_seed=int(_get(data, "corpus_seed", 0)),
+                                      bitext_rate=float(_get(data, "bitext_rate", 0.0)))
 
 
 def _text_files(data):
