@@ -65,16 +65,20 @@ def collect(runs_dir: str | os.PathLike, target: str | None = None) -> Collectio
 
 
 def collect_records(paths: Iterable[str | os.PathLike], target: str | None = None, *,
-                    where: str = "") -> Collection:
+                    where: str = "", skip_unreadable: bool = False) -> Collection:
     """The records at `paths` (record.json files; a missing one is skipped as not started) as
     a Collection. With `target`, a finished run whose final.<target> is missing or not finite
-    is skipped with that reason. NoFinishedRuns when none is left to fit."""
+    is skipped with that reason. A corrupt record is a ValueError naming it, or with
+    `skip_unreadable` skipped with that reason. NoFinishedRuns when none is left to fit."""
     rows, skipped = [], []
     for path in paths:
         try:
             record = record_lib.load(path)
         except record_lib.RecordError as e:
-            raise ValueError(str(e)) from None
+            if not skip_unreadable:
+                raise ValueError(str(e)) from None
+            skipped.append((str(path), f"unreadable: {e}"))
+            continue
         if record is None:
             skipped.append((str(path), "not started: no record"))
             continue

@@ -12,6 +12,7 @@ so a run started by hand, by `scaling.study` or on a pod worker is the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -36,6 +37,9 @@ class RunSpec:
     workdir: where the run writes (a local path, or gs://... on TPU pods).
     depends_on: run ids that must have finished before this one starts.
     train_flops: estimated training FLOPs (planning and accelerator-hour estimates).
+
+    `config_hash` is the run's identity: a finished run is reused only while its record
+    carries this hash (and, for a finetuning run, its base's; scaling/execution.py).
     """
 
     run_id: str
@@ -44,6 +48,13 @@ class RunSpec:
     workdir: str
     depends_on: tuple[str, ...] = ()
     train_flops: float = 0.0
+
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """The hash of `config` that the run's record will carry (its identity)."""
+        from ul2_lm import record as record_lib  # etils only: no JAX
+
+        return record_lib.config_hash(self.config)
 
     @property
     def config_path(self) -> str:

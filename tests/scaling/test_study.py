@@ -92,6 +92,31 @@ def test_a_bad_override_is_named_before_any_run():
         study_lib.plan(study_lib.parse(s), "/study")
 
 
+@pytest.mark.parametrize("fit, key", [
+    (dict(laws=("multiplicative", "cubic")), "fit.laws: unknown law 'cubic'"),
+    (dict(laws=()), "fit.laws: a list of law names"),
+    (dict(curve_law="single,quartic"), "fit.curve_law: unknown law 'quartic'"),
+    (dict(preset="papr"), "fit.preset: unknown preset 'papr'"),
+    (dict(bootstrap=-1), "fit.bootstrap: a whole number >= 0, got -1"),
+    (dict(target="seed"), "fit.target: 'seed' is not a measurement"),
+    (dict(law=("multiplicative",)), "fit.law: unknown setting"),
+])
+def test_a_bad_fit_setting_is_named_before_any_run(fit, key):
+    s = micro_study()
+    s.fit.update(fit)
+    with pytest.raises(study_lib.StudyError, match=f"study.{key}"):
+        study_lib.parse(s)
+
+
+# (ConfigDict itself refuses keys with dots, so "..", "../up" and ".hidden" never get this far.)
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "a/b", "a\\b", "", "-x", "a b"])
+def test_a_size_name_that_is_not_a_plain_name_is_refused(name):
+    s = micro_study()
+    s.pretrain.sizes = {"b": dict(s.pretrain.sizes["b"]), name: dict(s.pretrain.sizes["a"])}
+    with pytest.raises(study_lib.StudyError, match="study.pretrain.sizes: size name"):
+        study_lib.parse(s)
+
+
 @pytest.mark.parametrize("name", ["paper_wmt14_ende", "paper_wmt19_enzh", "paper_mlsum"])
 def test_planning_a_paper_study_lists_runs_hours_and_commands(name, capsys):
     s = study_lib.parse(study_lib.load_config_file(REPO / f"configs/studies/{name}.py"))
@@ -116,7 +141,7 @@ def run_study(config, workdir, runner=study_lib.in_process_runner, retry_failed=
     status = study_lib.execute(s, specs, Path(workdir),
                                executors.SequentialExecutor(runner), retry_failed=retry_failed,
                                log=lambda m: None)
-    return study_lib.fit_and_report(s, Path(workdir), status, log=lambda m: None), status
+    return study_lib.fit_and_report(s, Path(workdir), status, specs, log=lambda m: None), status
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +201,61 @@ def test_a_failed_run_is_recorded_and_left_out_of_the_fit(finished_study, tmp_pa
     assert any(victim in path for path, _ in collection.skipped)
 
 
+def diverge(run_dir):
+    """As a run under train.nan_policy='skip' that diverged leaves its record: finished, with
+    null losses."""
+    from ul2_lm import record as record_lib
+
+    record = record_lib.read(run_dir)
+    record["final"].update(dev_loss=None, test_loss=None, test_perplexity=None)
+    record_lib.write(run_dir, record)
+
+
+def test_a_run_without_a_finite_loss_is_left_out_and_the_rest_is_reported(finished_study,
+                                                                         tmp_path):
+    source, report, _ = finished_study
+    workdir = tmp_path / "study"
+    shutil.copytree(source, workdir)
+    victim = "finetune/lora/b/step8/r2/n32/seed0"
+    diverge(workdir / "runs" / victim)
+
+    def must_not_run(spec):
+        raise AssertionError(f"{spec.run_id} ran again")
+
+    again, status = run_study(micro_study(), workdir, runner=must_not_run)
+    text = again.read_text()
+    assert text != report.read_text()
+    assert f"- `{victim}`: no finite loss: final.dev_loss is null" in text
+    assert "1 run(s) failed and are left out of the fit" in text
+    assert "## Which method for which data budget" in text and "## Fits" in text
+    fitted = (workdir / "fit" / "table.csv").read_text().splitlines()[1:]
+    before = (source / "fit" / "table.csv").read_text().splitlines()[1:]
+    assert len(fitted) == len(before) - 1 and not any(victim in row for row in fitted)
+
+
+def test_a_good_report_is_kept_when_nothing_can_be_fitted(finished_study, tmp_path):
+    source, report, _ = finished_study
+    workdir = tmp_path / "study"
+    shutil.copytree(source, workdir)
+    for path in (workdir / "runs" / "finetune").rglob("record.json"):
+        diverge(path.parent)
+    with pytest.raises(study_lib.NothingToFit, match="no finished finetuning run with a finite "
+                       "test_loss among the 21 planned.*from an earlier fit is kept"):
+        run_study(micro_study(), workdir)
+    assert (workdir / "REPORT.md").read_text() == report.read_text()
+    assert ((workdir / "fit" / "fit.json").read_text()
+            == (source / "fit" / "fit.json").read_text())
+
+    # From the command line: one line, a non-zero exit, no traceback.
+    config = tmp_path / "micro.py"
+    config.write_text("from tests.scaling.test_study import micro_study\n\n\n"
+                      "def get_config():\n    return micro_study()\n")
+    out = study_cli(f"--config={config}", f"--workdir={workdir}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("scaling.study: nothing to fit: ")
+    assert (workdir / "REPORT.md").read_text() == report.read_text()
+
+
 def test_a_killed_study_resumes_to_the_same_report(finished_study, tmp_path):
     from ul2_lm import record as record_lib
 
@@ -229,6 +309,20 @@ def test_the_gcloud_executor_dry_run_prints_its_commands_and_runs_nothing(tmp_pa
     assert json.loads((tmp_path / "status.json").read_text()) == {}
 
 
+def test_plan_refuses_an_unknown_law_in_one_line_before_anything_runs(tmp_path):
+    config = tmp_path / "bad_law.py"
+    config.write_text("from scaling.study import load_config_file\n\n\ndef get_config():\n"
+                      "    s = load_config_file('configs/studies/demo.py')\n"
+                      "    s.fit.laws = ('multiplicative', 'cubic')\n    return s\n")
+    for mode in (["--plan"], []):
+        out = study_cli(f"--config={config}", f"--workdir={tmp_path / 'study'}", *mode)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "scaling.study: study.fit.laws: unknown law 'cubic'; laws: ['additive', ")
+        assert not (tmp_path / "study").exists()
+
+
 def test_a_study_directory_on_a_bucket_is_refused_with_the_way_to_put_runs_there():
     out = study_cli("--config=configs/studies/demo.py", "--workdir=gs://my-bucket/demo")
     assert out.returncode != 0
@@ -258,26 +352,3 @@ def test_the_recommendation_picks_the_lower_law_and_warns_of_an_uncertified_fit(
     doc["results"][1]["certified"] = False
     lines = study_lib.recommendation(study, doc)
     assert "**lora**" in lines[0] and lines[-1].startswith("- Caution: the fit of lora is not")
-
-
-def test_a_record_the_executor_brings_home_counts_as_finished_without_running(tmp_path):
-    """The gcloud executor syncs the bucket's records before it asks what to skip: a run that
-    finished on a slice while the study was away must not run again, and counts as finished."""
-    from ul2_lm import record as record_lib
-
-    s = study_lib.parse(micro_study())
-    specs = study_lib.plan(s, str(tmp_path))
-    away = specs[0]
-    ran, lines = [], []
-
-    class Syncing(executors.SequentialExecutor):
-        def run(self, specs, done, skip=None):
-            record_lib.write(away.workdir, {"record_version": record_lib.RECORD_VERSION,
-                                            "status": "finished"})
-            super().run(specs, done, skip)
-
-    status = study_lib.execute(s, specs, tmp_path, Syncing(lambda spec: ran.append(spec.run_id)),
-                               log=lines.append)
-    assert away.run_id not in ran and len(ran) == len(specs) - 1
-    assert status[away.run_id] == {"status": "finished", "reason": None}
-    assert lines[-1].startswith(f"[{len(specs)}/{len(specs)} runs")
