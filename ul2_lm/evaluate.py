@@ -20,6 +20,7 @@ What a finetuning run measures at its end (`final_evaluation`, config.evaluation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -51,9 +52,46 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, task: str | None
         from ul2_lm import synthetic
 
         return synthetic.Batches(config, split=split, **kwargs)
+    key = _eval_cache_key(config, split, task, kwargs)
+    if key is not None and key in _EVAL_CACHE:
+        return _EVAL_CACHE[key]
     from ul2_lm.data import pipeline  # seqio and TensorFlow load here, not at import.
 
-    return pipeline.make_eval_iterator(config.data, split=split, task=task, **kwargs)
+    batches = pipeline.make_eval_iterator(config.data, split=split, task=task, **kwargs)
+    if key is None:
+        return batches
+    with contextlib.closing(batches):
+        _EVAL_CACHE[key] = list(batches)
+    while len(_EVAL_CACHE) > _EVAL_CACHE_ENTRIES:
+        _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+    return _EVAL_CACHE[key]
+
+
+# The runs of a study share one process and, per task and sequence length, the same evaluation
+# batches; building a split's pipeline costs seconds, so a bounded number of splits of bounded
+# size stay in memory. Training-only settings (the finetuning subset, the data seed) do not
+# change evaluation batches and are left out of the key.
+_EVAL_CACHE: dict[str, list] = {}
+_EVAL_CACHE_ENTRIES = 16
+_EVAL_CACHE_MAX_BATCHES = 64
+_TRAINING_ONLY = ("seed", "finetune.num_examples", "finetune.subset_seed", "prefetch_batches",
+                  "num_eval_batches")
+
+
+def _eval_cache_key(config, split: str, task: str | None, kwargs) -> str | None:
+    if not kwargs["num_batches"] or kwargs["num_batches"] > _EVAL_CACHE_MAX_BATCHES:
+        return None
+    data = config.data.to_dict()
+    task = task or data.get("eval_task") or data["task"]
+    if data.get("text_files") or data.get("finetune", {}).get("files"):
+        return None  # files can change under the same name
+    for dotted in _TRAINING_ONLY:
+        node, *rest = dotted.split(".")
+        if rest:
+            data.get(node, {}).pop(rest[0], None)
+        else:
+            data.pop(node, None)
+    return json.dumps([data, split, task, kwargs], sort_keys=True, default=str)
 
 
 def loss_metrics(eval_step, params, frozen, config, mesh, rules, *, split: str,

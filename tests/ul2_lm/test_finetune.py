@@ -371,3 +371,24 @@ def test_evaluation_every_epochs_counts_the_finetuning_data(base):
     assert train.build(config).finetune.eval_every_steps == 4
     config.finetune.eval_every_epochs = 0.01
     assert train.build(config).finetune.eval_every_steps == 1
+
+
+def test_evaluation_batches_are_built_once_per_split_and_shared_across_subsets(base):
+    from ul2_lm import evaluate
+
+    config = finetune_config("lora", base)
+    evaluate._EVAL_CACHE.clear()
+    first = evaluate.eval_batches(config, "test", num_batches=2)
+    config.data.finetune.num_examples = 16  # another subset: the same test batches
+    config.data.finetune.subset_seed = 3
+    assert evaluate.eval_batches(config, "test", num_batches=2) is first
+    config.data.seq_len = 48  # another layout: built anew
+    other = evaluate.eval_batches(config, "test", num_batches=2)
+    assert other is not first and other[0]["decoder_target_tokens"].shape[1] == 48
+    evaluate._EVAL_CACHE.clear()
+    config.data.seq_len = 64
+    fresh = evaluate.eval_batches(config, "test", num_batches=2)
+    for a, b in zip(first, fresh):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
