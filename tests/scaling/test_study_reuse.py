@@ -243,3 +243,20 @@ def test_a_record_the_executor_brings_home_counts_as_finished_only_with_the_plan
     dependents = {x.run_id for x in specs if x.depends_on == (stale.run_id,)}
     assert set(ran) == {x.run_id for x in specs} - {away.run_id, stale.run_id} - dependents
     assert lines[-1].startswith(f"[{len(specs)}/{len(specs)} runs")
+
+
+def test_a_report_is_not_replaced_when_no_law_can_be_fitted(tmp_path):
+    """One finished finetuning run is too few for any law: the fit goes nowhere and the
+    earlier report and fit/ stay as they were."""
+    s, specs = planned(micro_study(), tmp_path)
+    lone = next(x for x in specs if x.kind == "finetune")
+    write_records(specs, {lone.run_id: finished_record(lone, specs)})
+    (tmp_path / "REPORT.md").write_text("the good report\n")
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "fit.json").write_text("{}\n")
+    with pytest.raises(study_lib.NothingToFit, match="no law could be fitted.*from an earlier "
+                       "fit is kept"):
+        study_lib.fit_and_report(s, tmp_path, {}, specs, log=lambda m: None)
+    assert (tmp_path / "REPORT.md").read_text() == "the good report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md", "fit", "runs"]
+    assert [p.name for p in (tmp_path / "fit").iterdir()] == ["fit.json"]
