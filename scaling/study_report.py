@@ -148,11 +148,22 @@ def _predict(params: Mapping[str, float], x: float, df: float) -> float:
     return params["A_m"] * x ** -params["alpha_m"] * df ** -params["beta"] + params["E"]
 
 
+def _uncertified(result: Mapping[str, Any]) -> str | None:
+    """Why the multiplicative model-size fit of one method is not certified (None if it is)."""
+    fits = [("joint", result["joint"]), ("model-size", result["factors"]["model_size"]["fit"])]
+    reasons = [f"{name} fit: {f.get('reason') or 'not certified'}" for name, f in fits
+               if not f.get("certified", True)]
+    return "; ".join(reasons) or None
+
+
 def recommendation(study: Study, doc: Mapping[str, Any]) -> list[str]:
     """The method with the lowest predicted loss, by finetuning-data budget, for the anchor
-    model (multiplicative law, model-size factor)."""
-    fits = {r["method"]: r["parameters"] for r in doc["results"]
-            if r["law"] == "multiplicative" and {"A_m", "alpha_m", "beta", "E"} <= set(r["parameters"])}
+    model (multiplicative law, model-size factor). A range that rests on an uncertified fit, or
+    lies outside the finetuning sizes the study ran, says so on its own line."""
+    results = {r["method"]: r for r in doc["results"]
+               if r["law"] == "multiplicative" and "model_size" in r["factors"]
+               and {"A_m", "alpha_m", "beta", "E"} <= set(r["parameters"])}
+    fits = {m: r["parameters"] for m, r in results.items()}
     if len(fits) < 2:
         return ["Fewer than two methods have a multiplicative model-size fit: no comparison."]
     x = _model_params(study, study.anchor_size)
@@ -165,17 +176,45 @@ def recommendation(study: Study, doc: Mapping[str, Any]) -> list[str]:
     for i in range(1, len(best) + 1):
         if i == len(best) or best[i][1] != best[start][1]:
             lo, hi = best[start][0], best[i - 1][0]
-            lines.append(f"- {lo:,} to {hi:,} finetuning examples: **{best[start][1]}** "
-                         f"(predicted test loss {_predict(fits[best[start][1]], x, lo):.3f} "
-                         f"to {_predict(fits[best[start][1]], x, hi):.3f})")
+            method = best[start][1]
+            warnings = []
+            why = _uncertified(results[method])
+            if why:
+                warnings.append(f"**not certified** ({why}): do not rely on this range")
+            if hi < sizes[0] or lo > sizes[-1]:
+                warnings.append(f"extrapolated: the study ran {sizes[0]:,}-{sizes[-1]:,} "
+                                "examples")
+            elif lo < sizes[0] or hi > sizes[-1]:
+                warnings.append(f"extrapolated outside the {sizes[0]:,}-{sizes[-1]:,} "
+                                "examples the study ran")
+            lines.append(f"- {lo:,} to {hi:,} finetuning examples: **{method}** "
+                         f"(predicted test loss {_predict(fits[method], x, lo):.3f} "
+                         f"to {_predict(fits[method], x, hi):.3f})"
+                         + (" -- " + "; ".join(warnings) if warnings else ""))
             start = i
-    uncertified = sorted(r["method"] for r in doc["results"]
-                         if r["law"] == "multiplicative" and r["method"] in fits
-                         and not r.get("certified", True))
-    if uncertified:
-        lines.append(f"- Caution: the fit of {', '.join(uncertified)} is not certified (see "
-                     "Certificates below: a parameter at its bound or a search that did not "
-                     "settle), so its predictions, and the ranges above, are less reliable.")
+    return lines
+
+
+def _findings(study: Study, doc: Mapping[str, Any], table) -> list[str]:
+    """The paper's findings, tested on this study's fits, and the study's premises."""
+    from scaling import findings
+
+    columns = [c for c in table.names if c.startswith("zero_shot.") and c.endswith(".loss")]
+    zero = findings.zero_shot(table, columns[0]) if columns else {}
+    zs_task = columns[0].split(".")[1] if columns else None
+    lines = ["## Findings", "",
+             "The paper's headline findings (reference: Zhang et al. 2024, section 6), each "
+             "tested on this study's multiplicative fits, bootstrapped "
+             f"{int(study.config.fit.bootstrap)} times:", ""]
+    comparisons = doc.get("comparisons", {}).get(study.config.task)
+    if comparisons is None:
+        lines.append("No multiplicative fit of this task: nothing to test.")
+    else:
+        lines += findings.section(findings.verdicts(comparisons, zero, zs_task))
+    lines += ["", "## Does the study measure what the paper's does?", "",
+              "The paper's factors presume that a larger model, and more pretraining, make a "
+              "better base for finetuning. Tested on this study's runs:", ""]
+    lines += findings.premise_lines(findings.premises(table, doc["settings"]["target"]))
     return lines
 
 
@@ -201,6 +240,7 @@ def _report(study: Study, doc, status, collection, out: Path) -> str:
     parts += [f"- `{k}`: {v['reason']}" for k, v in failed.items()]
     for f in doc.get("not_fitted", []):
         parts.append(f"- not fitted: {f['method']} ({f['law']} law): {f['reason']}")
+    parts += [""] + _findings(study, doc, collection.table)
     parts += ["", "## Which method for which data budget", "",
               f"For the {study.anchor_size} model, by the multiplicative joint laws fitted "
               "per method (model-size factor):", ""]

@@ -122,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
         early_stopping_evals=None,  # stop once this many evaluations in a row have not
         # lowered the best dev loss by early_stopping_min_delta (None: no early stopping)
         early_stopping_min_delta=0.0,  # nats per target token
+        early_stopping_min_steps=0,  # ... and not before this many steps without improvement
         lora=dict(rank=4, alpha=None, targets=None, dropout_rate=0.0, use_rslora=False),
         prompt=dict(length=100, init="vocab", top_k=5000, init_text=None),
         # Optimiser settings of the method's new parameters (LoRA A/B, the prompt); parameter
@@ -307,7 +308,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                 "finetune.optim.peak_learning_rate"):
         _positive(config, key)
     for key in ("evaluation.length_alpha", "evaluation.num_generate_examples", "finetune.base_step",
-                "finetune.optim.final_learning_rate", "finetune.early_stopping_min_delta"):
+                "finetune.optim.final_learning_rate", "finetune.early_stopping_min_delta",
+                "finetune.early_stopping_min_steps"):
         _positive(config, key, allow_zero=True)
     for i, shots in enumerate(config.evaluation.few_shot):
         if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:

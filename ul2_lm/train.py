@@ -218,9 +218,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
     eval_every = ft.eval_every_steps if ft else config.train.eval_every_steps
     patience = ft and config.finetune.early_stopping_evals
-    min_delta = config.finetune.early_stopping_min_delta or 0.0
+    stopping = dict(min_delta=config.finetune.early_stopping_min_delta or 0.0,
+                    min_steps=config.finetune.early_stopping_min_steps or 0)
     # A run resumed after it decided to stop (its history says so) trains no further.
-    stopped_at = (restored_step if patience and stops_early(record, patience, min_delta)
+    stopped_at = (restored_step if patience and stops_early(record, patience, **stopping)
                   else None)
 
     batches = train_batches(config, data_state)
@@ -291,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
                 record["eval_history"].append({"step": step, "tokens_seen": step * tokens_per_step,
                                                "split": "dev", **last_eval})
                 record_lib.update_best(record)
-                if patience and stops_early(record, patience, min_delta):
+                if patience and stops_early(record, patience, **stopping):
                     stopped_at = step
                     log.info("step %d: stopping early, dev loss has not improved in %d "
                              "evaluations (best %.4f at step %d)", step, patience,
@@ -330,16 +331,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     return record
 
 
-def stops_early(record: dict[str, Any], patience: int, min_delta: float = 0.0) -> bool:
-    """Whether the last `patience` dev evaluations all failed to lower the best dev loss before
-    them by more than `min_delta` (a function of the record alone, so a resumed run decides as
-    the uninterrupted one did)."""
-    losses = [e["loss"] for e in record["eval_history"] if e["split"] == "dev"]
-    if len(losses) <= patience:
-        return False
-    best_before = min((v for v in losses[:-patience] if math.isfinite(v)), default=math.inf)
-    # A non-finite loss never counts as an improvement.
-    return not any(v < best_before - min_delta for v in losses[-patience:])
+def stops_early(record: dict[str, Any], patience: int, min_delta: float = 0.0,
+                min_steps: int = 0) -> bool:
+    """Whether the dev loss has not improved (fallen below its best by more than `min_delta`)
+    in the last `patience` evaluations and the last `min_steps` steps. A function of the record
+    alone, so a resumed run decides as the uninterrupted one did."""
+    evals = [e for e in record["eval_history"] if e["split"] == "dev"]
+    best, best_step, since = math.inf, None, 0
+    for e in evals:
+        # A non-finite loss never counts as an improvement.
+        if e["loss"] < best - min_delta:
+            best, best_step, since = e["loss"], e["step"], 0
+        else:
+            since += 1
+    if best_step is None:
+        return len(evals) >= patience and evals[-1]["step"] >= min_steps
+    return since >= patience and evals[-1]["step"] - best_step >= min_steps
 
 
 VOCAB_FILE = "vocab.model"

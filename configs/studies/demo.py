@@ -1,6 +1,7 @@
 """The smallest study that still shows the whole report (what `make demo` runs): two tiny
-sizes, one extra pretraining checkpoint, four finetuning-data sizes, one seed, all three
-methods. Under ten minutes on two CPU cores.
+sizes, one extra pretraining checkpoint, four finetuning-data sizes over two decades, one
+data subset, all three methods in the paper's protocol (configs/studies/tiny.py). Under ten
+minutes on two CPU cores.
 
 python -m scaling.study --config=configs/studies/demo.py --workdir=runs/demo
 """
@@ -13,12 +14,14 @@ from scaling.study import load_config_file
 def get_config():
     s = load_config_file(Path(__file__).with_name("tiny.py"))
     s.name = "demo"
-    s.pretrain.sizes = {"xs": s.pretrain.sizes["xs"].to_dict(), "m": s.pretrain.sizes["m"].to_dict()}
-    s.pretrain.num_steps = 100
-    s.pretrain.checkpoints = (50,)
-    s.finetune.data_sizes = (50, 100, 200, 400)
+    s.pretrain.sizes = {"xs": s.pretrain.sizes["xs"].to_dict(),
+                        "s": s.pretrain.sizes["s"].to_dict()}
+    s.pretrain.anchor_size = "s"
+    s.pretrain.num_steps = 400
+    s.pretrain.checkpoints = (200,)
+    s.finetune.data_sizes = (4, 20, 100, 400)
     s.finetune.pet_sizes = {"lora": (1, 4), "prompt": (5, 20)}
     s.finetune.seeds = (0,)
     s.heldout = dict(finetune_examples="max")
-    s.fit.bootstrap = 50
+    s.fit.bootstrap = 200
     return s

@@ -343,12 +343,25 @@ def test_the_recommendation_picks_the_lower_law_and_warns_of_an_uncertified_fit(
     law = {"A_m": 10.0, "alpha_m": 0.2, "beta": 0.1}
 
     def result(method, floor, certified):
+        fit = {"certified": certified, "reason": None if certified else "alpha_m at a bound"}
         return {"method": method, "law": "multiplicative", "certified": certified,
-                "parameters": {**law, "E": floor}}
+                "parameters": {**law, "E": floor}, "joint": {"certified": True},
+                "factors": {"model_size": {"fit": fit}}}
 
     doc = {"results": [result("fmt", 2.0, True), result("lora", 1.5, True)]}
     lines = study_lib.recommendation(study, doc)
     assert len(lines) == 1 and "**lora**" in lines[0]  # lower everywhere: one range
-    doc["results"][1]["certified"] = False
+    assert "not certified" not in lines[0]
+    doc["results"][1] = result("lora", 1.5, False)
     lines = study_lib.recommendation(study, doc)
-    assert "**lora**" in lines[0] and lines[-1].startswith("- Caution: the fit of lora is not")
+    # The warning stands on the line of the range that rests on the uncertified fit.
+    assert len(lines) == 1 and "**lora**" in lines[0]
+    assert "**not certified** (model-size fit: alpha_m at a bound)" in lines[0]
+    # A law below the other only at budgets the study never ran says it is extrapolated.
+    doc["results"] = [result("fmt", 2.0, True),
+                      {**result("lora", 2.0, True), "parameters": {**law, "A_m": 1e4,
+                                                                   "beta": 1.5, "E": 2.0}}]
+    lines = study_lib.recommendation(study, doc)
+    assert "**lora**" in lines[-1] and "extrapolated" in lines[-1]
+    assert "**fmt**" in lines[0] and "extrapolated outside" in lines[0]  # from grid/4 on
+    assert len(lines) == 2

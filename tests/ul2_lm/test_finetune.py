@@ -341,6 +341,9 @@ def test_stops_early_reads_only_the_dev_history():
     assert train.stops_early(record(3.0, 2.9, 2.89, 2.88), patience=2, min_delta=0.05)
     assert train.stops_early(record(3.0, float("nan"), float("nan")), patience=2)
     assert not train.stops_early(record(3.0, 2.9), patience=2)
+    # Not before min_steps steps without improvement (the evaluations here are one step apart).
+    assert not train.stops_early(record(3.0, 2.9, 2.95, 2.91), patience=2, min_steps=3)
+    assert train.stops_early(record(3.0, 2.9, 2.95, 2.91, 2.92), patience=2, min_steps=3)
 
 
 def test_early_stopping_keeps_the_best_step_and_a_rerun_trains_no_further(base, tmp_path):
