@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -172,30 +173,52 @@ def record_failure(spec: RunSpec, reason: str) -> None:
         record_lib.write(spec.workdir, record)
 
 
+def _group(spec: RunSpec) -> str:
+    """Runs expected to take alike: pretraining runs, and finetuning runs by method."""
+    return spec.kind if spec.kind != "finetune" else f"finetune {spec.config['finetune']['method']}"
+
+
 class Progress:
-    """'runs done / total, ETA' lines, the ETA from the FLOPs of what is left."""
+    """'runs done / total, ETA' lines.
+
+    The ETA counts each run left at the mean duration of the finished runs of its group
+    (pretraining; finetuning by method), since a finetuning run that stops early uses a
+    fraction of its planned FLOPs; a group with no finished run yet counts at the seconds per
+    planned FLOP seen so far. Wall time over the summed run durations scales it for runs that
+    share the machine (parallel executors)."""
 
     def __init__(self, total: int, to_run: Sequence[RunSpec]):
         self.total, self.done = total, total - len(to_run)
-        self.flops_left = {s.run_id: s.train_flops for s in to_run}
-        self.start, self.flops_done = time.perf_counter(), 0.0
+        self.left = {s.run_id: (_group(s), s.train_flops) for s in to_run}
+        self.start = time.perf_counter()
+        self.seconds: dict[str, list[float]] = {}
+        self.flops_done = self.seconds_done = 0.0
         self.failed = 0
 
     def settled(self, run_id: str, ok: bool = True) -> None:
         """A run to run turned out finished, or failed, before it started (its record arrived
         from a bucket): no work left."""
-        if self.flops_left.pop(run_id, None) is not None:
+        if self.left.pop(run_id, None) is not None:
             self.done += 1
             self.failed += not ok
 
+    def eta(self) -> float:
+        if not self.seconds_done:
+            return math.nan
+        per_flop = self.seconds_done / max(self.flops_done, 1.0)
+        work = sum(statistics.fmean(self.seconds[g]) if g in self.seconds else flops * per_flop
+                   for g, flops in self.left.values())
+        return work * (time.perf_counter() - self.start) / self.seconds_done
+
     def finished(self, outcome: Outcome) -> str:
-        flops = self.flops_left.pop(outcome.run_id, 0.0)
+        group, flops = self.left.pop(outcome.run_id, (None, 0.0))
         self.done += 1
         self.failed += not outcome.ok
-        self.flops_done += flops
-        elapsed = time.perf_counter() - self.start
-        left = sum(self.flops_left.values())
-        eta = elapsed / self.flops_done * left if self.flops_done else float("nan")
+        if group is not None and outcome.ok:
+            self.seconds.setdefault(group, []).append(outcome.seconds)
+            self.flops_done += flops
+            self.seconds_done += outcome.seconds
+        eta = self.eta()
         status = "done" if outcome.ok else f"FAILED ({outcome.reason})"
         eta_text = "" if math.isnan(eta) else f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         return (f"[{self.done}/{self.total} runs{eta_text}] {outcome.run_id}: {status} in "

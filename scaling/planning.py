@@ -134,6 +134,10 @@ def describe_plan(study: Study, specs: Sequence[RunSpec], *, peak_flops: float =
                  f"{peak_flops / 1e12:g} TFLOP/s per chip: {hours(total):,.1f}")
     for key, value in by_kind.items():
         lines.append(f"  {key}: {value:.3g} FLOPs ({hours(value):,.1f} chip-hours)")
+    if any(s.kind == "finetune" and s.config["finetune"].get("early_stopping_evals")
+           for s in specs):
+        lines.append("  (runs that stop early on dev loss use a fraction of their planned "
+                     "FLOPs: these are upper bounds)")
     lines += ["", "| run | FLOPs | command |", "|---|---|---|"]
     lines += [f"| {s.run_id} | {s.train_flops:.3g} | `{s.shell_command()}` |" for s in specs]
     return "\n".join(lines)
