@@ -40,6 +40,7 @@ class FitConfig:
     grid_points: int = 3000             # size of the variable-projection grid
     grid_per_axis: int = 100            # at most this many values per exponent
     start_grid: Mapping[str, tuple[float, ...]] | None = None  # explicit starts, by parameter
+    #   (base name; parameters it does not name start across their search range)
     top_k: int = 6                      # candidates polished per problem
     max_iter: int = 400
     history: int = 20
@@ -90,20 +91,30 @@ class Data:
 
 
 def prepare(law: laws_lib.Law, inputs: Mapping[str, Any], loss: Any,
-            check_identifiable: bool = True) -> Data:
+            check_identifiable: bool = True, labels: Sequence[str] | None = None) -> Data:
     """Checks raw inputs (sizes, not logs) and losses for `law` and takes logs.
 
     Raises ValueError naming the input and the offending point for NaN or infinite values,
-    non-positive sizes, mismatched lengths, too few points or a factor with one value.
+    non-positive sizes (zero is accepted where the law is finite at zero, see
+    `accepts_zero`), mismatched lengths, too few points or a factor with one value. Points
+    are named by `labels` (e.g. the table rows they came from), else by position.
     """
     y = np.asarray(loss, float).ravel()
     missing = [k for k in law.inputs if k not in inputs]
     if missing:
         raise ValueError(f"law {law.name!r} needs inputs {list(law.inputs)}; missing {missing}")
-    _check_finite("loss", y)
+    if labels is not None and len(labels) != y.size:
+        raise ValueError(f"{len(labels)} labels for {y.size} points")
+
+    def name(idx):
+        idx = idx[:5]
+        return ", ".join(str(labels[i]) for i in idx) if labels is not None else \
+            f"point(s) {idx.tolist()}"
+
+    _check_finite("loss", y, name)
     if np.any(y <= 0):
-        raise ValueError(f"loss must be positive; point(s) {np.flatnonzero(y <= 0)[:5].tolist()}"
-                         f" have {y[y <= 0][:5].tolist()}")
+        bad = np.flatnonzero(y <= 0)
+        raise ValueError(f"loss must be positive; {name(bad)} have {y[bad][:5].tolist()}")
     logs = {}
     for k in law.inputs:
         v = np.asarray(inputs[k]).ravel()
@@ -113,34 +124,46 @@ def prepare(law: laws_lib.Law, inputs: Mapping[str, Any], loss: Any,
             logs[k] = v.astype(int)
             continue
         v = v.astype(float)
-        _check_finite(k, v)
-        if np.any(v <= 0):
-            bad = np.flatnonzero(v <= 0)
-            raise ValueError(f"input {k!r} must be positive (a size); point(s) "
-                             f"{bad[:5].tolist()} have {v[bad][:5].tolist()}")
-        logs[k] = np.log(v)
+        _check_finite(k, v, name)
+        bad = np.flatnonzero((v < 0) | ((v == 0) & (not np.any(v == 0)
+                                                    or not accepts_zero(law, k))))
+        if bad.size:
+            raise ValueError(f"input {k!r} must be positive (a size; law {law.name!r} is "
+                             f"infinite at {k} = 0); {name(bad)} have {v[bad][:5].tolist()}")
+        with np.errstate(divide="ignore"):
+            logs[k] = np.log(v)
     if y.size < len(law.params) + 1:
         raise ValueError(f"law {law.name!r} has {len(law.params)} free parameters but only "
                          f"{y.size} points: need at least {len(law.params) + 1}")
     if check_identifiable:
         groups = logs.get(laws_lib.GROUP_INPUT, np.zeros(y.size, int))
         for g in np.unique(groups):
-            name = f" in group {law.groups[g]!r}" if law.groups else ""
+            where = f" in group {law.groups[g]!r}" if law.groups else ""
             for k in law.inputs:
                 if k == laws_lib.GROUP_INPUT:
                     continue
                 vals = np.unique(logs[k][groups == g])
                 if vals.size < 2:
-                    raise ValueError(f"input {k!r}{name} has one distinct value "
+                    raise ValueError(f"input {k!r}{where} has one distinct value "
                                      f"({math.exp(vals[0]):.6g}): its exponent cannot be fitted")
     return Data(inputs=logs, y=y)
 
 
-def _check_finite(name: str, v: np.ndarray) -> None:
+def accepts_zero(law: laws_lib.Law, name: str) -> bool:
+    """Whether `law` is finite with input `name` at 0 (e.g. the rectified law at Df = 0,
+    where D^beta vanishes), probed at the middle of its parameters' search ranges."""
+    theta = np.array([0.5 * (p.grid[0] + p.grid[1]) for p in law.params])
+    inputs = {k: (np.zeros(1, int) if k == laws_lib.GROUP_INPUT else
+                  np.full(1, -np.inf if k == name else 0.0)) for k in law.inputs}
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.isfinite(law.log_loss(theta, inputs))))
+
+
+def _check_finite(name: str, v: np.ndarray, where) -> None:
     bad = np.flatnonzero(~np.isfinite(v))
     if bad.size:
-        raise ValueError(f"{name} has non-finite values (NaN or infinite) at point(s) "
-                         f"{bad[:5].tolist()}: {v[bad][:5].tolist()}")
+        raise ValueError(f"{name} has non-finite values (NaN or infinite) at {where(bad)}: "
+                         f"{v[bad][:5].tolist()}")
 
 
 # --- objective -------------------------------------------------------------------------------
@@ -427,12 +450,15 @@ def start_candidates(law: laws_lib.Law, data: Data, weights: np.ndarray, config:
                      top_k: int) -> np.ndarray:
     """Best `top_k` starts [B, top_k, P] of an explicit or generated start grid, by objective."""
     if config.start_grid is not None:
-        unknown = set(config.start_grid) - set(law.names)
+        # One grid serves every law: names of other laws' parameters are not this law's
+        # concern, but a name no law has is a typo.
+        known = {q.name for q in law.params} | {q.name.partition("[")[0] for other in
+                                                [law, *laws_lib.LAWS.values()]
+                                                for q in other.params}
+        unknown = set(config.start_grid) - known
         if unknown:
-            raise ValueError(f"start grid names {sorted(unknown)}, not free parameters of "
-                             f"{law.name!r} ({list(law.names)})")
-        axes = [np.asarray(config.start_grid.get(p.name, (0.5 * sum(p.grid),)), float)
-                for p in law.params]
+            raise ValueError(f"start grid names {sorted(unknown)}, parameters of no law")
+        axes = [np.asarray(_start_axis(config.start_grid, p), float) for p in law.params]
     else:
         axes = _grid_axes(law, np.arange(len(law.params)), config.grid_points)
     starts = np.clip(_product(axes), law.lower, law.upper)
@@ -452,6 +478,18 @@ def start_candidates(law: laws_lib.Law, data: Data, weights: np.ndarray, config:
     k = min(top_k, starts.shape[0])
     best = np.argsort(values, axis=1)[:, :k]
     return starts[best]
+
+
+def _start_axis(grid: Mapping[str, Sequence[float]], p: laws_lib.Param) -> Sequence[float]:
+    """A parameter's starts in an explicit grid: by its name, or its base name for a tied copy
+    ('a' starts 'a[model_size]'); a parameter the grid does not name (another law's, e.g. the
+    rectified law's dl under Chinchilla's grid) starts at 5 points across its search range."""
+    base = p.name.partition("[")[0]
+    if p.name in grid:
+        return grid[p.name]
+    if base in grid:
+        return grid[base]
+    return np.linspace(*p.grid, 5)
 
 
 # --- fitting and certification ---------------------------------------------------------------
@@ -475,9 +513,10 @@ class FitResult:
 
     def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Predicted loss at raw inputs (sizes)."""
-        logs = {k: (np.asarray(v, int) if k == laws_lib.GROUP_INPUT
-                    else np.log(np.asarray(v, float))) for k, v in inputs.items()}
-        return np.exp(self.law.log_loss(self.theta, logs))
+        with np.errstate(divide="ignore"):  # log 0 = -inf: Df = 0 where the law allows it
+            logs = {k: (np.asarray(v, int) if k == laws_lib.GROUP_INPUT
+                        else np.log(np.asarray(v, float))) for k, v in inputs.items()}
+            return np.exp(self.law.log_loss(self.theta, logs))
 
     def to_json(self) -> dict[str, Any]:
         return {"law": self.law.name, "params": self.params, "free": list(self.law.names),

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from scaling import fitting, heldout, laws as laws_lib
-from scaling.table import (FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS,
-                           Table, configuration_ids)
+from scaling.table import (FINETUNE_EXAMPLES, MODEL, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS,
+                           Table, configuration_ids, describe_rows, row_labels)
 
 PAPER = fitting.FitConfig(name="paper", delta=1e-3, residual="raw", grid_points=2000, top_k=4)
 CHINCHILLA = fitting.FitConfig(
@@ -66,23 +66,36 @@ def sweeps(tab: Table, anchor: Mapping[str, float] | None = None) -> dict[str, n
     """Row indices of each factor's sweep (factors with at least two values only).
 
     `anchor` gives the shared setting by column (model_params, pretrain_tokens, pet_size;
-    values matched like held-out values); columns it leaves out are inferred.
+    values matched like held-out values); columns it leaves out are inferred. Models are told
+    apart by their id (the `model` column) where the table has one, else by size; a table
+    without pretraining tokens counts every model as fully pretrained.
     """
     if len(tab) == 0:
         return {}
     m, p, t = tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]
-    key = lambda i: (m[i], p[i], -1.0 if np.isnan(t[i]) else t[i])  # noqa: E731
-    am, ap, at = Counter(key(i) for i in range(len(tab))).most_common(1)[0][0]
-    at = np.nan if at == -1.0 else at
+    ids = tab[MODEL] if MODEL in tab else m
+    pk, tk = np.where(np.isnan(p), -1.0, p), np.where(np.isnan(t), -1.0, t)
+    keys = [(ids[i], pk[i], tk[i]) for i in range(len(tab))]
+    am, ap, at = Counter(keys).most_common(1)[0][0]
     for col, value in (anchor or {}).items():
         if col not in ANCHOR_COLUMNS:
             raise ValueError(f"anchor column {col!r} is not one of {list(ANCHOR_COLUMNS)}")
         (v,) = heldout.resolve(tab[col], [value], col, what="anchor")
-        am, ap, at = (v if c == col else old for c, old in zip(ANCHOR_COLUMNS, (am, ap, at)))
-    full = np.array([p[i] == np.max(p[m == m[i]]) for i in range(len(tab))])
+        if col == MODEL_PARAMS:
+            am = Counter(k for k, size in zip(keys, m) if size == v).most_common(1)[0][0][0]
+        elif col == PRETRAIN_TOKENS:
+            ap = v
+        else:
+            at = v
+    ap, at = (np.nan if v == -1.0 else v for v in (ap, at))
+    full = np.zeros(len(tab), bool)
+    for model in dict.fromkeys(ids.tolist()):
+        rows = ids == model
+        top = np.nanmax(p[rows]) if np.any(np.isfinite(p[rows])) else np.nan
+        full[rows] = np.isnan(top) | (p[rows] == top)
     masks = {"model_size": _same(t, at) & full,
-             "pretrain_data": _same(t, at) & (m == am),
-             "pet_size": (m == am) & (p == ap) & np.isfinite(t)}
+             "pretrain_data": _same(t, at) & (ids == am),
+             "pet_size": (ids == am) & _same(p, ap) & np.isfinite(t)}
     out = {}
     for factor, mask in masks.items():
         col = tab[FACTORS[factor]][mask]
@@ -103,6 +116,17 @@ class Plan:
     held_rows: dict[str, np.ndarray]
     joint: list[str]
     heldout: dict[str, list]
+    left_out: str | None = None  # rows of the table left out, and why
+
+
+def _undefined_at_zero(tab: Table, law: laws_lib.Law) -> tuple[Table, str | None]:
+    """`tab` without its Df = 0 rows (the base model's loss) when `law` is infinite there,
+    and a note saying how many were left out."""
+    zero = tab[FINETUNE_EXAMPLES] == 0
+    if not zero.any() or fitting.accepts_zero(law, "df"):
+        return tab, None
+    return tab.where(~zero), (f"{int(zero.sum())} point(s) at Df = 0 left out: law "
+                              f"{law.name!r} is infinite there")
 
 
 def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str = "test_loss",
@@ -124,8 +148,8 @@ def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str 
     y = tab[target]
     bad = np.flatnonzero(~np.isfinite(y))
     if bad.size:
-        runs = tab["run"][bad][:5].tolist() if "run" in tab else bad[:5].tolist()
-        raise ValueError(f"target {target!r} is NaN or infinite for run(s) {runs}")
+        raise ValueError(f"target {target!r} is NaN or infinite for {describe_rows(tab, bad)}")
+    tab, left_out = _undefined_at_zero(tab, law)
     sw = sweeps(tab, anchor)
     if factors is not None:
         unknown = set(factors) - set(FACTORS)
@@ -160,7 +184,7 @@ def plan(tab: Table, law: laws_lib.Law | str = "multiplicative", *, target: str 
         fit_rows[f], held_rows[f] = rows[~held], rows[held]
     joint = [f for f in JOINT if f in sw] or list(sw)
     return Plan(table=tab, target=target, law=law, factors=list(sw), fit_rows=fit_rows,
-                held_rows=held_rows, joint=joint, heldout=resolved)
+                held_rows=held_rows, joint=joint, heldout=resolved, left_out=left_out)
 
 
 def _inputs(p: Plan, factor: str, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -174,7 +198,8 @@ def stage_one(p: Plan) -> tuple[laws_lib.Law, fitting.Data, np.ndarray]:
     group = np.concatenate([np.full(p.fit_rows[f].size, i) for i, f in enumerate(p.joint)])
     xs = np.concatenate([_inputs(p, f, p.fit_rows[f])["x"] for f in p.joint])
     data = fitting.prepare(law, {"x": xs, "df": p.table[FINETUNE_EXAMPLES][rows],
-                                 "group": group}, p.table[p.target][rows])
+                                 "group": group}, p.table[p.target][rows],
+                           labels=row_labels(p.table, rows))
     return law, data, rows
 
 
@@ -207,18 +232,26 @@ class ProcedureResult:
 
     def parameters(self) -> dict[str, float]:
         """Table 4 layout: A_m, alpha_m, A_p, alpha_p, A_t, alpha_t, ..., E, beta."""
-        out: dict[str, float] = {}
+        return {name: v for name, v, _ in self._parameters()}
+
+    def certified_parameters(self) -> dict[str, bool]:
+        """Per parameter of `parameters()`: whether the fits it comes from are certified (a
+        factor's A and alpha rest on the joint fit's shared parameters too)."""
+        return {name: ok for name, _, ok in self._parameters()}
+
+    def _parameters(self) -> list[tuple[str, float, bool]]:
+        out = []
         for factor in FACTORS:
             if factor not in self.factors:
                 continue
-            nat = laws_lib.natural(self.factors[factor].fit.params)
-            for name, v in nat.items():
-                if name not in self.factors[factor].fit.law.fixed and \
-                        name.lower() not in self.factors[factor].fit.law.fixed:
-                    out[f"{name}_{SHORT[factor]}"] = v
+            fit = self.factors[factor].fit
+            ok = fit.certified and self.joint.certified
+            for name, v in laws_lib.natural(fit.params).items():
+                if name not in fit.law.fixed and name.lower() not in fit.law.fixed:
+                    out.append((f"{name}_{SHORT[factor]}", v, ok))
         shared = laws_lib.natural({k: v for k, v in self.joint.params.items()
                                    if k in self.joint.law.shared})
-        out.update(shared)
+        out += [(name, v, self.joint.certified) for name, v in shared.items()]
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -240,7 +273,8 @@ def run(p: Plan, config: fitting.FitConfig = PAPER) -> ProcedureResult:
     for f in p.factors:
         law2 = p.law.with_fixed(**shared)
         rows = p.fit_rows[f]
-        data2 = fitting.prepare(law2, _inputs(p, f, rows), p.table[p.target][rows])
+        data2 = fitting.prepare(law2, _inputs(p, f, rows), p.table[p.target][rows],
+                                labels=row_labels(p.table, rows))
         res = fitting.fit_data(law2, data2, config)
         held = p.held_rows[f]
         results[f] = FactorFit(
@@ -300,32 +334,68 @@ def run_batch(p: Plan, weights: np.ndarray, config: fitting.FitConfig = PAPER) -
                        heldout_delta=hd, fit_delta=fd)
 
 
+def curves(tab: Table) -> list[np.ndarray]:
+    """Row indices of each curve: the runs of one model (by id where the table has a `model`
+    column, so equal-size models stay apart), pretraining tokens and PET size."""
+    key = [tab[MODEL]] if MODEL in tab else []
+    ids = configuration_ids(key + [tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]])
+    return [np.flatnonzero(ids == c) for c in range(ids.max() + 1 if ids.size else 0)]
+
+
+def curve_name(tab: Table) -> str:
+    """A curve's name in messages and titles: its model id, else its size and tokens."""
+    if MODEL in tab:
+        return str(tab[MODEL][0])
+    parts = [f"{tab[MODEL_PARAMS][0]:.4g} params"]
+    for col, unit in ((PRETRAIN_TOKENS, "tokens"), (PET_SIZE, "PET size")):
+        if np.isfinite(tab[col][0]):
+            parts.append(f"{tab[col][0]:.4g} {unit}")
+    return ", ".join(parts)
+
+
+def fit_curve(tab: Table, law: laws_lib.Law | str = "single", *, target: str = "test_loss",
+              config: fitting.FitConfig = PAPER,
+              heldout_spec: heldout.Spec | None = None) -> dict[str, Any]:
+    """Fits a law of Df alone to one curve's rows, holding out its largest Df (or the
+    finetune_examples values of `heldout_spec`; its other columns do not apply to a curve).
+
+    Df = 0 rows (the base model) take part when the law is finite there (rectified).
+    Errors name the curve.
+    """
+    law = laws_lib.get(law) if isinstance(law, str) else law
+    if tuple(law.inputs) != ("df",):
+        raise ValueError(f"a per-curve fit needs a law of df alone; {law.name!r} has inputs "
+                         f"{law.inputs}")
+    name = curve_name(tab)
+    spec = {FINETUNE_EXAMPLES: ["max"]} if heldout_spec is None else \
+        {k: v for k, v in heldout_spec.items() if k == FINETUNE_EXAMPLES}
+    tab, left_out = _undefined_at_zero(tab, law)
+    try:
+        held = heldout.mask(tab, spec)
+        fitted = tab.where(~held)
+        data = fitting.prepare(law, {"df": fitted[FINETUNE_EXAMPLES]}, fitted[target],
+                               labels=row_labels(fitted, np.arange(len(fitted))))
+    except ValueError as e:
+        raise ValueError(f"curve {name}: {e}") from None
+    res = fitting.fit_data(law, data, config)
+    out = {"model_params": tab[MODEL_PARAMS][0], "pretrain_tokens": tab[PRETRAIN_TOKENS][0],
+           "pet_size": tab[PET_SIZE][0], "name": name, "left_out": left_out,
+           "df": tab[FINETUNE_EXAMPLES], "loss": tab[target], "held": held, "fit": res,
+           "fit_errors": heldout.errors(res.predict({"df": fitted[FINETUNE_EXAMPLES]}),
+                                        fitted[target]),
+           "heldout_errors": heldout.errors(res.predict({"df": tab[FINETUNE_EXAMPLES][held]}),
+                                            tab[target][held])}
+    if MODEL in tab:
+        out["model"] = str(tab[MODEL][0])
+    return out
+
+
 def fit_curves(tab: Table, law: laws_lib.Law | str = "single", *, target: str = "test_loss",
                config: fitting.FitConfig = PAPER,
                heldout_spec: heldout.Spec | None = None) -> list[dict[str, Any]]:
-    """Fits a law of Df alone to each curve (runs sharing model, tokens and PET size)."""
-    law = laws_lib.get(law) if isinstance(law, str) else law
-    if tuple(law.inputs) != ("df",):
-        raise ValueError(f"fit_curves needs a law of df alone; {law.name!r} has {law.inputs}")
-    curve = configuration_ids([tab[MODEL_PARAMS], tab[PRETRAIN_TOKENS], tab[PET_SIZE]])
-    spec = {FINETUNE_EXAMPLES: ["max"]} if heldout_spec is None else \
-        {k: v for k, v in heldout_spec.items() if k == FINETUNE_EXAMPLES}
-    out = []
-    for c in range(curve.max() + 1 if curve.size else 0):
-        sub = tab.where(curve == c)
-        key = (sub[MODEL_PARAMS][0], sub[PRETRAIN_TOKENS][0], sub[PET_SIZE][0])
-        held = heldout.mask(sub, spec)
-        fitted = sub.where(~held)
-        res = fitting.fit(law, {"df": fitted[FINETUNE_EXAMPLES]}, fitted[target], config)
-        out.append({"model_params": key[0], "pretrain_tokens": key[1], "pet_size": key[2],
-                    "df": sub[FINETUNE_EXAMPLES], "loss": sub[target], "held": held,
-                    "fit": res,
-                    "fit_errors": heldout.errors(res.predict({"df": fitted[FINETUNE_EXAMPLES]}),
-                                                 fitted[target]),
-                    "heldout_errors": heldout.errors(
-                        res.predict({"df": sub.where(held)[FINETUNE_EXAMPLES]}),
-                        sub.where(held)[target])})
-    return out
+    """`fit_curve` on every curve of the table (see `curves`)."""
+    return [fit_curve(tab.where(rows), law, target=target, config=config,
+                      heldout_spec=heldout_spec) for rows in curves(tab)]
 
 
 def fit_columns(tab: Table, law: laws_lib.Law | str, columns: Mapping[str, str], target: str,

@@ -14,9 +14,13 @@ FACTOR_LABELS = {"model_size": "LLM model size", "pretrain_data": "Pretraining d
                  "pet_size": "PET parameter size"}
 LAW_LABELS = {"multiplicative": "Multi.", "additive": "Add."}
 PARAM_ORDER = ("A_m", "alpha_m", "A_p", "alpha_p", "A_t", "alpha_t", "B", "E", "beta")
+# Marks a number that comes from a fit that is not certified, in every table.
+UNCERTIFIED = "✗"
+UNCERTIFIED_NOTE = (f"{UNCERTIFIED} from a fit that is not certified (a parameter at its bound, "
+                    "or a search that did not settle; see its certificate): less reliable.")
 
 
-def fmt(v: Any, digits: int = 2) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
     """A number with `digits` significant figures; '-' for missing."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -27,7 +31,14 @@ def fmt(v: Any, digits: int = 2) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if any(UNCERTIFIED in c for r in rows for c in r):
+        text += "\n\n" + UNCERTIFIED_NOTE
+    return text
+
+
+def _mark(cell: str, certified: bool) -> str:
+    return cell if certified else f"{cell} {UNCERTIFIED}"
 
 
 def table2(results: Mapping[tuple[str, str, str], procedures.ProcedureResult]) -> str:
@@ -41,8 +52,9 @@ def table2(results: Mapping[tuple[str, str, str], procedures.ProcedureResult]) -
             for t, m in cols:
                 r = results.get((t, m, law))
                 ff = r.factors.get(factor) if r else None
-                cells.append("-" if ff is None else
-                             f"{fmt(ff.fit_errors['delta'])}/{fmt(ff.heldout_errors['delta'])}")
+                cells.append("-" if ff is None else _mark(
+                    f"{fmt(ff.fit_errors['delta'])}/{fmt(ff.heldout_errors['delta'])}",
+                    ff.fit.certified and r.joint.certified))
             if any(c != "-" for c in cells):
                 rows.append([FACTOR_LABELS[factor], LAW_LABELS.get(law, law)] + cells)
     return _table(["factor", "law"] + [f"{t} {m}" for t, m in cols], rows)
@@ -54,6 +66,7 @@ def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
     """Fitted parameters (rows) per task/method (columns); bootstrap intervals if given."""
     cols = sorted(results, key=lambda k: (k[0], _method_rank(k[1])))
     params = {c: results[c].parameters() for c in cols}
+    certified = {c: results[c].certified_parameters() for c in cols}
     names = [n for n in PARAM_ORDER if any(n in p for p in params.values())]
     names += sorted({n for p in params.values() for n in p} - set(names))
     rows, outside = [], False
@@ -61,7 +74,7 @@ def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
         cells = []
         for c in cols:
             v = params[c].get(n)
-            cell = fmt(v)
+            cell = fmt(v) if v is None else _mark(fmt(v), certified[c][n])
             iv = (intervals or {}).get(c, {}).get(n)
             if v is not None and iv is not None:
                 cell += f" [{fmt(iv[0])}, {fmt(iv[1])}]"
@@ -77,6 +90,27 @@ def table4(results: Mapping[tuple[str, str], procedures.ProcedureResult],
                  "draws that end at a parameter bound), so that interval says little; more "
                  "configurations or seeds narrow it.")
     return text
+
+
+def curves_table(rows: Sequence[Mapping[str, Any]], law: str) -> str:
+    """Per-curve fits of one law of Df alone: parameters, Delta_e / Delta_h and the reason a
+    fit is not certified, per curve.
+
+    Each row: task, method, name (the curve), and under `law` the fit's JSON, its natural
+    parameters and its errors.
+    """
+    fitted = [r for r in rows if law in r]
+    names = list(dict.fromkeys(n for r in fitted for n in r[law]["parameters"]))
+    body = []
+    for r in fitted:
+        f = r[law]
+        ok = f["fit"]["certified"]
+        body.append([r["task"], r["method"], r["name"]]
+                    + [_mark(fmt(f["parameters"].get(n)), ok) for n in names]
+                    + [_mark(f"{fmt(f['fit_errors']['delta'])}/"
+                             f"{fmt(f['heldout_errors']['delta'])}", ok),
+                       "yes" if ok else f["fit"]["failure_reason"]])
+    return _table(["task", "method", "curve"] + names + ["Δe/Δh", "certified"], body)
 
 
 def certification(results: Mapping[Any, procedures.ProcedureResult]) -> str:
