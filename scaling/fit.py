@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -260,8 +261,9 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
                     if key in draws:
                         band = (lambda f, x, df, d=draws[key]:
                                 bootstrap.prediction_band(d, f, x, df, settings["level"]))
-                    plots.factor_fits(r, p, str(out / "figures" / f"fits_{stem}.png"), band)
-                    plots.residuals(r, p, str(out / "figures" / f"residuals_{stem}.png"))
+                    shown = _drawable(p)
+                    plots.factor_fits(r, shown, str(out / "figures" / f"fits_{stem}.png"), band)
+                    plots.residuals(r, shown, str(out / "figures" / f"residuals_{stem}.png"))
     crit = _critical(results, plans, draws, settings, out)
     curves = _curves(tab, settings, config, out, curve_names, spec, not_fitted, notes)
     doc = {"settings": settings, "config": config.to_json(),
@@ -274,6 +276,22 @@ def run(settings: dict[str, Any], tab: Table, out: Path, skipped: list) -> dict[
     (out / "summary.md").write_text(_summary(results, draws, crit, curves, skipped, settings,
                                              config, not_fitted, notes))
     return doc
+
+
+def _drawable(p: procedures.Plan) -> procedures.Plan:
+    """The plan without its Df = 0 rows, which a law finite there fits (joint_rectified) but
+    a figure's logarithmic Df axis cannot show."""
+    keep = p.table[FINETUNE_EXAMPLES] > 0
+    if keep.all():
+        return p
+    index = np.cumsum(keep) - 1
+
+    def moved(rows):
+        return index[rows[keep[rows]]]
+
+    return dataclasses.replace(p, table=p.table.where(keep),
+                               fit_rows={f: moved(r) for f, r in p.fit_rows.items()},
+                               held_rows={f: moved(r) for f, r in p.held_rows.items()})
 
 
 def _not_fitted(settings, not_fitted, what: str, error: ValueError, **where) -> None:

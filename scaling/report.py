@@ -42,9 +42,12 @@ def _mark(cell: str, certified: bool) -> str:
 
 
 def table2(results: Mapping[tuple[str, str, str], procedures.ProcedureResult]) -> str:
-    """Delta_e / Delta_h per factor (rows, multiplicative and additive) and task/method."""
+    """Delta_e / Delta_h per factor and law (rows: multiplicative, additive, then any other
+    law) and task/method (columns)."""
     cols = sorted({(t, m) for t, m, _ in results}, key=lambda k: (k[0], _method_rank(k[1])))
-    laws = [law for law in ("multiplicative", "additive") if any(k[2] == law for k in results)]
+    order = list(LAW_LABELS)
+    laws = sorted(dict.fromkeys(k[2] for k in results),
+                  key=lambda law: order.index(law) if law in order else len(order))
     rows = []
     for factor in procedures.FACTORS:
         for law in laws:

@@ -172,6 +172,22 @@ def test_rectified_fits_with_and_without_the_base_point_differ_as_the_point_says
     assert pred0 == pytest.approx(rectified(0.0), abs=5e-3)
 
 
+def test_a_joint_law_finite_at_zero_fits_the_base_points_and_draws_the_rest(tmp_path):
+    d = np.array(SIZES, float)
+    models = [(f"m{i}", x, 60.0 * x ** -0.1 / (6.0 + d ** 0.4) + 3.0 * x ** -0.05
+               + _noise(d.size, i), "F") for i, x in enumerate((1e8, 4e8, 1.6e9))]
+    path = _write_wide(tmp_path / "family.csv", models)
+    out = tmp_path / "plots"
+    assert cli.main([f"--table={path}", f"--out={out}", "--law=joint_rectified"]) == 0
+    (res,) = _doc(out)["results"]
+    assert res["left_out"] is None
+    # Three models, ten sizes: the largest model and the largest Df are held out, the two
+    # base-model points of the others are fitted.
+    assert res["factors"]["model_size"]["fit"]["n_points"] == 2 * (len(SIZES) - 1)
+    assert (out / "figures" / "fits_family_finetune_joint_rectified.png").stat().st_size > 0
+    assert "| LLM model size | joint_rectified |" in (out / "summary.md").read_text()
+
+
 # --- held-out splits, presets, keep going -----------------------------------------------------
 
 def test_heldout_applies_to_per_curve_fits(tmp_path):
