@@ -1,5 +1,6 @@
 """The smallest study that still shows the whole report (what `make demo` runs): two tiny
-sizes, one extra pretraining checkpoint, four finetuning-data sizes over two decades, one
+sizes, one extra pretraining checkpoint, four finetuning-data sizes over two decades (2 to
+200 examples), one
 data subset, all three methods in the paper's protocol (configs/studies/tiny.py). Under ten
 minutes on two CPU cores.
 
@@ -17,9 +18,9 @@ def get_config():
     s.pretrain.sizes = {"xs": s.pretrain.sizes["xs"].to_dict(),
                         "s": s.pretrain.sizes["s"].to_dict()}
     s.pretrain.anchor_size = "s"
-    s.pretrain.num_steps = 400
-    s.pretrain.checkpoints = (200,)
-    s.finetune.data_sizes = (4, 20, 100, 400)
+    s.pretrain.num_steps = 300
+    s.pretrain.checkpoints = (150,)
+    s.finetune.data_sizes = (2, 10, 50, 200)
     s.finetune.pet_sizes = {"lora": (1, 4), "prompt": (5, 20)}
     s.finetune.seeds = (0,)
     s.heldout = dict(finetune_examples="max")

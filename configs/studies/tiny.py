@@ -1,27 +1,28 @@
 """A complete miniature of the paper on a CPU: three tiny model sizes pretrained with UL2 on the
 embedded corpus (a quarter of its documents bitext, so that pretraining teaches some
-translation, as web text does), the largest one's intermediate checkpoints as the
+translation, as web text does), the largest one's intermediate checkpoint as the
 pretraining-data factor; each finetuned by FMT, LoRA and prompt tuning on embedded xen->xde
-translation over two decades of finetuning-data sizes, three PET sizes and two data subsets.
-Every finetuning run follows the paper's protocol in miniature: the paper's per-method peak
-learning rates (FMT 1e-3, LoRA 1e-2, prompt 0.3) and Adafactor with cosine decay, evaluation
-of dev loss every epoch, early stopping once three evaluations in a row do not improve it, and
-the best checkpoint's test loss as the scaling target. Zero-shot transfer to the related
-language pair (xsc->xde) is measured by loss. Multiplicative and additive laws are fitted with
-held-out points, and the report tests the paper's findings.
+translation over two decades of finetuning-data sizes (2 to 200 examples), two PET sizes per
+method and two data subsets. Every finetuning run follows the paper's protocol in miniature:
+the paper's per-method peak learning rates (FMT 1e-3, LoRA 1e-2, prompt 0.3) and Adafactor
+with cosine decay, dev loss every epoch, early stopping, and the best checkpoint's test loss as
+the scaling target. Zero-shot transfer to the related language pair (xsc->xde) is measured by
+loss. Multiplicative and additive laws are fitted with held-out points, and the report tests
+the paper's findings.
 
 python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_tiny
 """
 
 import ml_collections
 
-# Finetuning in the paper's protocol, at the miniature's scale (every finetuning run).
+# Finetuning in the paper's protocol, at the miniature's scale (every finetuning run): dev loss
+# every epoch, and a stop once three evaluations and 20 steps bring no improvement.
 FINETUNE_PROTOCOL = {
     # The same step budget and schedule for every data size (so that runs of one shape share
     # their compiled step): early stopping, not the budget, ends a run.
     "train": {"num_steps": 2000, "global_batch_size": 16, "log_every_steps": 100},
     "finetune": {"num_epochs": None, "eval_every_epochs": 1, "early_stopping_evals": 3,
-                 "early_stopping_min_steps": 50,
+                 "early_stopping_min_steps": 20,
                  "prompt": {"length": 20}},
     "checkpoint": {"every_steps": 1000},
     "optim": {"warmup_steps": 4},
@@ -46,9 +47,9 @@ def get_config():
             "m": dict(size="tiny"),
         },
         anchor_size="m",  # its checkpoints make the pretraining-data sweep
-        num_steps=600,
-        checkpoints=(200, 400),  # and the last step
-        overrides={"train": {"eval_every_steps": 200, "log_every_steps": 50},
+        num_steps=500,
+        checkpoints=(250,),  # and the last step
+        overrides={"train": {"eval_every_steps": 250, "log_every_steps": 50},
                    "optim": {"warmup_steps": 30},
                    "data": {"bitext_rate": 0.25}},
     )
@@ -56,8 +57,8 @@ def get_config():
         configs={"fmt": "configs/tiny_fmt.py", "lora": "configs/tiny_lora.py",
                  "prompt": "configs/tiny_prompt.py"},
         methods=("fmt", "lora", "prompt"),
-        data_sizes=(4, 12, 40, 130, 400),
-        pet_sizes={"lora": (1, 4, 16), "prompt": (5, 20, 80)},
+        data_sizes=(2, 10, 50, 200),
+        pet_sizes={"lora": (1, 4), "prompt": (5, 20)},
         seeds=(0, 1),
         overrides=FINETUNE_PROTOCOL,
     )
