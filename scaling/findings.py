@@ -315,9 +315,9 @@ def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
                        or ("no method has both a model-size and a pretraining-data fit",)))
     qs = evidence.get("|alpha_t| / alpha_m", {})
     vs = {m: verdict(q, ALPHA_T_SHARE, above=False) for m, q in qs.items()}
-    out.append(Finding("ii", f"|alpha_t| small against alpha_m (at most {ALPHA_T_SHARE:g} of "
+    out.append(Finding("ii", f"abs(alpha_t) small against alpha_m (at most {ALPHA_T_SHARE:g} of "
                        "it): PET size matters little", combine(list(vs.values())),
-                       tuple(_q(f"{m}: |alpha_t| / alpha_m", q, vs[m]) for m, q in qs.items())
+                       tuple(_q(f"{m}: abs(alpha_t) / alpha_m", q, vs[m]) for m, q in qs.items())
                        or ("no PET method has a PET-size and a model-size fit",)))
     qs = evidence.get("beta_fmt - beta", {})
     vs = {m: verdict(q) for m, q in qs.items()}

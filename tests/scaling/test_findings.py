@@ -122,3 +122,11 @@ def test_premises_compare_matched_runs():
     lines = findings.premise_lines(found)
     assert "later checkpoint finetunes better: holds" in lines[1]
     assert "larger model finetunes better: holds" not in lines[0]
+
+
+def test_the_verdict_table_is_one_row_per_finding(paper_evidence):
+    lines = findings.section(findings.verdicts(paper_evidence))
+    rows = [line for line in lines if line.startswith("| (")]
+    assert len(rows) == 5
+    # Markdown cells: a '|' inside a statement would split its row.
+    assert all(row.count("|") == 3 for row in rows)
