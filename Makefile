@@ -16,11 +16,12 @@ $(STAMP): setup.py constraints.txt
 	@touch $(STAMP)
 
 # The project's main job in miniature: pretrain two tiny models, finetune them by FMT, LoRA and
-# prompt tuning over a small grid, fit the scaling laws and write the report (under 10 minutes).
+# prompt tuning over a small grid, fit the scaling laws and write the report (its time on two
+# cores: benchmarks/RESULTS_study.md).
 demo: $(STAMP)
 	$(BIN)/python -m scaling.study --config=configs/studies/demo.py --workdir=$(DEMO_DIR)
 
-# The full miniature of the paper (three sizes, two seeds; under 30 minutes on two cores).
+# The full miniature of the paper (three sizes, two data subsets, 115 runs).
 study-tiny: $(STAMP)
 	$(BIN)/python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_tiny
 

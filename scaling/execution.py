@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -181,18 +180,17 @@ def _group(spec: RunSpec) -> str:
 class Progress:
     """'runs done / total, ETA' lines.
 
-    The ETA counts each run left at the mean duration of the finished runs of its group
-    (pretraining; finetuning by method), since a finetuning run that stops early uses a
-    fraction of its planned FLOPs; a group with no finished run yet counts at the seconds per
-    planned FLOP seen so far. Wall time over the summed run durations scales it for runs that
-    share the machine (parallel executors)."""
+    A finetuning run that stops early uses a fraction of its planned FLOPs, a fraction that
+    differs between methods. So the ETA counts the planned FLOPs left in each group of runs
+    (pretraining; finetuning by method) at the seconds per planned FLOP of that group's
+    finished runs, or of all finished runs while a group has none. Wall time over the summed
+    run durations scales it for runs that share the machine (parallel executors)."""
 
     def __init__(self, total: int, to_run: Sequence[RunSpec]):
         self.total, self.done = total, total - len(to_run)
         self.left = {s.run_id: (_group(s), s.train_flops) for s in to_run}
         self.start = time.perf_counter()
-        self.seconds: dict[str, list[float]] = {}
-        self.flops_done = self.seconds_done = 0.0
+        self.by_group: dict[str, list[float]] = {}  # group -> [seconds, planned FLOPs] done
         self.failed = 0
 
     def settled(self, run_id: str, ok: bool = True) -> None:
@@ -203,21 +201,23 @@ class Progress:
             self.failed += not ok
 
     def eta(self) -> float:
-        if not self.seconds_done:
+        seconds = sum(v[0] for v in self.by_group.values())
+        if not seconds:
             return math.nan
-        per_flop = self.seconds_done / max(self.flops_done, 1.0)
-        work = sum(statistics.fmean(self.seconds[g]) if g in self.seconds else flops * per_flop
+        overall = seconds / max(sum(v[1] for v in self.by_group.values()), 1.0)
+        work = sum(flops * (self.by_group[g][0] / max(self.by_group[g][1], 1.0)
+                            if g in self.by_group else overall)
                    for g, flops in self.left.values())
-        return work * (time.perf_counter() - self.start) / self.seconds_done
+        return work * (time.perf_counter() - self.start) / seconds
 
     def finished(self, outcome: Outcome) -> str:
         group, flops = self.left.pop(outcome.run_id, (None, 0.0))
         self.done += 1
         self.failed += not outcome.ok
         if group is not None and outcome.ok:
-            self.seconds.setdefault(group, []).append(outcome.seconds)
-            self.flops_done += flops
-            self.seconds_done += outcome.seconds
+            done = self.by_group.setdefault(group, [0.0, 0.0])
+            done[0] += outcome.seconds
+            done[1] += flops
         eta = self.eta()
         status = "done" if outcome.ok else f"FAILED ({outcome.reason})"
         eta_text = "" if math.isnan(eta) else f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"

@@ -9,10 +9,13 @@ quantity's estimate and its bootstrap interval, and the verdict is
 
 Differences of two parameters of one method use the same draws (paired); differences between
 methods pair independent draws by index, as the critical-size bands do. Only certified draws
-count. The findings (Zhang et al. 2024, reference/paper.md, section 6):
+count, and fewer than MIN_DRAWS of them (or fewer than MIN_PAIRS matched pairs of runs)
+conclude nothing. The findings (Zhang et al. 2024, reference/paper.md, section 6):
 
-  (i)   alpha_m > alpha_p: model size helps more than pretraining data;
-  (ii)  |alpha_t| small against alpha_m: PET size matters little (here: at most a quarter);
+  (i)   alpha_m > alpha_p: model size helps more than pretraining data (tested as
+        alpha_m - max(alpha_p, 0) > 0, so that a model size that does not help cannot agree);
+  (ii)  |alpha_t| small against alpha_m: PET size matters little (tested as
+        alpha_m / 4 - |alpha_t| > 0);
   (iii) beta_FMT > beta of each PET method: FMT gains most from finetuning data;
   (iv)  a PET method is best at the smallest finetuning-data size and FMT at the largest, for
         the anchor model (the critical size lies inside the grid);
@@ -39,6 +42,10 @@ AGREES, CONTRADICTS, INCONCLUSIVE = "agrees", "contradicts", "inconclusive"
 LAW = "multiplicative"  # the paper states its findings on the multiplicative law's fits
 FMT = "fmt"
 ALPHA_T_SHARE = 0.25  # (ii): "small" = |alpha_t| at most this share of alpha_m
+MODEL_OVER_DATA = "alpha_m - max(alpha_p, 0)"  # (i) > 0: alpha_m > 0 and alpha_m > alpha_p
+MODEL_OVER_PET = "alpha_m / 4 - abs(alpha_t)"  # (ii) > 0: abs(alpha_t) < alpha_m / 4
+MIN_DRAWS = 20  # fewer certified draws (or matched pairs, MIN_PAIRS) conclude nothing
+MIN_PAIRS = 5
 
 
 # --- evidence ----------------------------------------------------------------------------------
@@ -56,6 +63,14 @@ def _quantity(estimate: float, samples: np.ndarray | None, level: float) -> dict
     return {"estimate": float(estimate), "interval": [lo, hi], "draws": n}
 
 
+def _mean_of_pairs(values: np.ndarray, rng: np.random.Generator, n_draws: int,
+                   level: float) -> dict[str, Any]:
+    """The mean of per-pair differences, with a bootstrap interval over the pairs."""
+    samples = (values[rng.integers(0, values.size, (n_draws, values.size))].mean(axis=1)
+               if values.size > 1 else None)
+    return {**_quantity(values.mean(), samples, level), "pairs": int(values.size)}
+
+
 def _paired_rows(d1: bootstrap.Draws, d2: bootstrap.Draws) -> np.ndarray:
     n = min(d1.n, d2.n)
     return np.flatnonzero(d1.certified[:n] & d2.certified[:n])
@@ -68,28 +83,31 @@ def comparisons(results: Mapping[tuple[str, str, str], Any],
     """Per task, the quantities the findings test, from the multiplicative fits.
 
     results/plans/draws: keyed by (task, method, law) as scaling.fit builds them (draws only
-    when bootstrapped). Returns {task: {'alpha_m - alpha_p': {method: q}, '|alpha_t| / alpha_m':
-    {method: q}, 'beta_fmt - beta': {method: q}, 'data_extremes': {...}}} with q = {'estimate',
+    when bootstrapped). Returns {task: {MODEL_OVER_DATA: {method: q}, MODEL_OVER_PET: {method:
+    q}, 'beta_fmt - beta': {method: q}, 'data_extremes': {...}}} with q = {'estimate',
     'interval', 'draws'}.
     """
     out: dict[str, Any] = {}
     for task in dict.fromkeys(k[0] for k in results):
         keys = {k[1]: k for k in results if k[0] == task and k[2] == LAW}
-        entry: dict[str, Any] = {"alpha_m - alpha_p": {}, "|alpha_t| / alpha_m": {},
+        entry: dict[str, Any] = {MODEL_OVER_DATA: {}, MODEL_OVER_PET: {},
                                  "beta_fmt - beta": {}}
         for method, key in keys.items():
             params = results[key].parameters()
             d = draws.get(key)
             v = d.values if d is not None else None
             ok = d.certified if d is not None else None
+            # Both quantities are positive only where model size helps at all (alpha_m > 0).
             if {"alpha_m", "alpha_p"} <= set(params):
-                entry["alpha_m - alpha_p"][method] = _quantity(
-                    params["alpha_m"] - params["alpha_p"],
-                    None if v is None else (v["alpha_m"] - v["alpha_p"])[ok], level)
+                entry[MODEL_OVER_DATA][method] = _quantity(
+                    params["alpha_m"] - max(params["alpha_p"], 0.0),
+                    None if v is None else (v["alpha_m"] - np.maximum(v["alpha_p"], 0.0))[ok],
+                    level)
             if {"alpha_m", "alpha_t"} <= set(params):
-                entry["|alpha_t| / alpha_m"][method] = _quantity(
-                    abs(params["alpha_t"]) / params["alpha_m"],
-                    None if v is None else (np.abs(v["alpha_t"]) / v["alpha_m"])[ok], level)
+                entry[MODEL_OVER_PET][method] = _quantity(
+                    ALPHA_T_SHARE * params["alpha_m"] - abs(params["alpha_t"]),
+                    None if v is None else (ALPHA_T_SHARE * v["alpha_m"]
+                                            - np.abs(v["alpha_t"]))[ok], level)
         if FMT in keys:
             fmt_key = keys[FMT]
             for method, key in keys.items():
@@ -193,9 +211,7 @@ def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
         if not common:
             continue
         diff = np.array([fmt[s] - pet[s] for s in common])
-        samples = diff[rng.integers(0, diff.size, (n_draws, diff.size))].mean(axis=1) \
-            if diff.size > 1 else None
-        out[method] = {**_quantity(diff.mean(), samples, level), "pairs": int(diff.size)}
+        out[method] = _mean_of_pairs(diff, rng, n_draws, level)
     return out
 
 
@@ -227,12 +243,9 @@ def premises(tab: Table, target: str = "test_loss", n_draws: int = 1000, seed: i
     rng = np.random.default_rng(seed)
     for name, column in (("larger model", MODEL_PARAMS), ("later checkpoint", PRETRAIN_TOKENS)):
         gains = _matched_gains(tab, column, target)
-        if gains.size == 0:
-            continue
-        samples = gains[rng.integers(0, gains.size, (n_draws, gains.size))].mean(axis=1) \
-            if gains.size > 1 else None
-        out[name] = {**_quantity(gains.mean(), samples, level), "pairs": int(gains.size),
-                     "gained": int((gains > 0).sum())}
+        if gains.size:
+            out[name] = {**_mean_of_pairs(gains, rng, n_draws, level),
+                         "gained": int((gains > 0).sum())}
     return out
 
 
@@ -257,7 +270,7 @@ def premise_lines(found: Mapping[str, Any]) -> list[str]:
 def verdict(q: Mapping[str, Any] | None, threshold: float = 0.0, above: bool = True) -> str:
     """`agrees` when the interval lies wholly above `threshold` (below, with above=False),
     `contradicts` when wholly on the other side, else `inconclusive`."""
-    if not q:
+    if not q or q.get("draws", 0) < MIN_DRAWS or q.get("pairs", MIN_PAIRS) < MIN_PAIRS:
         return INCONCLUSIVE
     lo, hi = q["interval"]
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -307,17 +320,17 @@ def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
              zero_shot_task: str | None = None) -> list[Finding]:
     """The five findings for one task's evidence (`comparisons(...)[task]`)."""
     out = []
-    qs = evidence.get("alpha_m - alpha_p", {})
+    qs = evidence.get(MODEL_OVER_DATA, {})
     vs = {m: verdict(q) for m, q in qs.items()}
     out.append(Finding("i", "alpha_m > alpha_p: model size helps more than pretraining data",
                        combine(list(vs.values())),
-                       tuple(_q(f"{m}: alpha_m - alpha_p", q, vs[m]) for m, q in qs.items())
+                       tuple(_q(f"{m}: {MODEL_OVER_DATA}", q, vs[m]) for m, q in qs.items())
                        or ("no method has both a model-size and a pretraining-data fit",)))
-    qs = evidence.get("|alpha_t| / alpha_m", {})
-    vs = {m: verdict(q, ALPHA_T_SHARE, above=False) for m, q in qs.items()}
+    qs = evidence.get(MODEL_OVER_PET, {})
+    vs = {m: verdict(q) for m, q in qs.items()}
     out.append(Finding("ii", f"abs(alpha_t) small against alpha_m (at most {ALPHA_T_SHARE:g} of "
                        "it): PET size matters little", combine(list(vs.values())),
-                       tuple(_q(f"{m}: abs(alpha_t) / alpha_m", q, vs[m]) for m, q in qs.items())
+                       tuple(_q(f"{m}: {MODEL_OVER_PET}", q, vs[m]) for m, q in qs.items())
                        or ("no PET method has a PET-size and a model-size fit",)))
     qs = evidence.get("beta_fmt - beta", {})
     vs = {m: verdict(q) for m, q in qs.items()}

@@ -172,15 +172,18 @@ def recommendation(study: Study, doc: Mapping[str, Any]) -> list[str]:
                    [10 ** (i / 4) for i in range(int(4 * math.log10(max(1, sizes[0] / 4))),
                                                  int(4 * math.log10(sizes[-1] * 10)) + 1)]})
     best = [(n, min(fits, key=lambda m: _predict(fits[m], x, n))) for n in grid]
+    # Every range compares every method's law: one uncertified fit weakens them all.
+    uncertified = {m: why for m in sorted(results) if (why := _uncertified(results[m]))}
     lines, start = [], 0
     for i in range(1, len(best) + 1):
         if i == len(best) or best[i][1] != best[start][1]:
             lo, hi = best[start][0], best[i - 1][0]
             method = best[start][1]
             warnings = []
-            why = _uncertified(results[method])
-            if why:
-                warnings.append(f"**not certified** ({why}): do not rely on this range")
+            if uncertified:
+                warnings.append("**not certified**: " + "; ".join(
+                    f"{m}'s {why}" for m, why in uncertified.items())
+                    + ": do not rely on this range")
             if hi < sizes[0] or lo > sizes[-1]:
                 warnings.append(f"extrapolated: the study ran {sizes[0]:,}-{sizes[-1]:,} "
                                 "examples")

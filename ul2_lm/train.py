@@ -339,8 +339,8 @@ def stops_early(record: dict[str, Any], patience: int, min_delta: float = 0.0,
     evals = [e for e in record["eval_history"] if e["split"] == "dev"]
     best, best_step, since = math.inf, None, 0
     for e in evals:
-        # A non-finite loss never counts as an improvement.
-        if e["loss"] < best - min_delta:
+        # A non-finite loss (null in a record read back) never counts as an improvement.
+        if e["loss"] is not None and e["loss"] < best - min_delta:
             best, best_step, since = e["loss"], e["step"], 0
         else:
             since += 1

@@ -1,8 +1,7 @@
 """The smallest study that still shows the whole report (what `make demo` runs): two tiny
-sizes, one extra pretraining checkpoint, four finetuning-data sizes over two decades (2 to
-200 examples), one
-data subset, all three methods in the paper's protocol (configs/studies/tiny.py). Under ten
-minutes on two CPU cores.
+sizes, one extra pretraining checkpoint, four finetuning-data sizes over two decades (2 to 200
+examples), one data subset, all three methods in the paper's protocol (configs/studies/tiny.py).
+Its time on two CPU cores is in benchmarks/RESULTS_study.md.
 
 python -m scaling.study --config=configs/studies/demo.py --workdir=runs/demo
 """

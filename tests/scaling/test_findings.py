@@ -23,7 +23,7 @@ def _by_key(found):
 
 
 def test_verdict_reads_the_interval():
-    q = lambda lo, hi: {"estimate": (lo + hi) / 2, "interval": [lo, hi], "draws": 10}  # noqa: E731
+    q = lambda lo, hi: {"estimate": (lo + hi) / 2, "interval": [lo, hi], "draws": 100}  # noqa: E731
     assert findings.verdict(q(0.1, 0.3)) == findings.AGREES
     assert findings.verdict(q(-0.3, -0.1)) == findings.CONTRADICTS
     assert findings.verdict(q(-0.1, 0.3)) == findings.INCONCLUSIVE
@@ -109,19 +109,38 @@ def test_premises_compare_matched_runs():
     cols = {k: [] for k in ("task", "method", "model_params", "pretrain_tokens", "pet_size",
                             "finetune_examples", "seed", "test_loss")}
     for m, t, loss in ((1e6, 1e8, 3.0), (2e6, 1e8, 2.8), (2e6, 5e7, 2.9), (4e6, 1e8, 2.9)):
-        for n in (10, 100):
-            for k, v in (("task", "t"), ("method", "fmt"), ("model_params", m),
-                         ("pretrain_tokens", t), ("pet_size", np.nan),
-                         ("finetune_examples", n), ("seed", 0), ("test_loss", loss - n / 1e3)):
-                cols[k].append(v)
+        for n in (10, 30, 100):
+            for seed in (0, 1):
+                for k, v in (("task", "t"), ("method", "fmt"), ("model_params", m),
+                             ("pretrain_tokens", t), ("pet_size", np.nan),
+                             ("finetune_examples", n), ("seed", seed),
+                             ("test_loss", loss - n / 1e3)):
+                    cols[k].append(v)
     found = findings.premises(Table(cols), n_draws=200)
-    # 1e6 -> 2e6 gains 0.2, 2e6 -> 4e6 loses 0.1, per data size; 5e7 -> 1e8 tokens gains 0.1.
-    assert found["larger model"]["pairs"] == 4 and found["larger model"]["gained"] == 2
+    # 1e6 -> 2e6 gains 0.2, 2e6 -> 4e6 loses 0.1, per data size and seed; 5e7 -> 1e8 tokens
+    # gains 0.1.
+    assert found["larger model"]["pairs"] == 12 and found["larger model"]["gained"] == 6
     assert found["larger model"]["estimate"] == pytest.approx(0.05)
     assert found["later checkpoint"]["estimate"] == pytest.approx(0.1)
     lines = findings.premise_lines(found)
     assert "later checkpoint finetunes better: holds" in lines[1]
-    assert "larger model finetunes better: holds" not in lines[0]
+    assert "larger model finetunes better: is unclear" in lines[0]
+    # Too few pairs conclude nothing, however consistent they are.
+    few = findings.premises(Table({k: v[:8] for k, v in cols.items()}), n_draws=200)
+    assert findings.verdict(few["larger model"]) == findings.INCONCLUSIVE
+
+
+def test_a_model_size_that_does_not_help_cannot_agree():
+    # Negative exponents: larger models finetune worse. (i) and (ii) must not read as agreeing.
+    q = lambda v: {"estimate": v, "interval": [v - 0.01, v + 0.01], "draws": 100}  # noqa: E731
+    alpha_m, alpha_p, alpha_t = -0.3, -0.5, 0.01
+    evidence = {findings.MODEL_OVER_DATA: {"fmt": q(alpha_m - max(alpha_p, 0.0))},
+                findings.MODEL_OVER_PET: {"lora": q(alpha_m / 4 - abs(alpha_t))}}
+    found = _by_key(findings.verdicts(evidence))
+    assert found["i"] == "contradicts" and found["ii"] == "contradicts"
+    # And too few certified draws conclude nothing.
+    evidence[findings.MODEL_OVER_DATA]["fmt"]["draws"] = findings.MIN_DRAWS - 1
+    assert _by_key(findings.verdicts(evidence))["i"] == "inconclusive"
 
 
 def test_the_verdict_table_is_one_row_per_finding(paper_evidence):

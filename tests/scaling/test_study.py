@@ -356,7 +356,11 @@ def test_the_recommendation_picks_the_lower_law_and_warns_of_an_uncertified_fit(
     lines = study_lib.recommendation(study, doc)
     # The warning stands on the line of the range that rests on the uncertified fit.
     assert len(lines) == 1 and "**lora**" in lines[0]
-    assert "**not certified** (model-size fit: alpha_m at a bound)" in lines[0]
+    assert "**not certified**: lora's model-size fit: alpha_m at a bound" in lines[0]
+    # A range won by a certified method over an uncertified rival carries the warning too.
+    doc["results"] = [result("fmt", 2.0, False), result("lora", 1.5, True)]
+    lines = study_lib.recommendation(study, doc)
+    assert "**lora**" in lines[0] and "fmt's model-size fit" in lines[0]
     # A law below the other only at budgets the study never ran says it is extrapolated.
     doc["results"] = [result("fmt", 2.0, True),
                       {**result("lora", 2.0, True), "parameters": {**law, "A_m": 1e4,

@@ -262,7 +262,7 @@ def test_a_report_is_not_replaced_when_no_law_can_be_fitted(tmp_path):
     assert [p.name for p in (tmp_path / "fit").iterdir()] == ["fit.json"]
 
 
-def test_progress_counts_runs_left_at_their_groups_mean_duration(monkeypatch):
+def test_progress_counts_runs_left_at_their_groups_rate(monkeypatch):
     from scaling import execution
     from scaling.runspec import Outcome, RunSpec
 
@@ -274,13 +274,14 @@ def test_progress_counts_runs_left_at_their_groups_mean_duration(monkeypatch):
                        workdir=f"/tmp/{run_id}", train_flops=flops)
 
     specs = [spec("pretrain/a", "pretrain", flops=1e9), spec("ft/fmt/1", "finetune", "fmt"),
-             spec("ft/fmt/2", "finetune", "fmt"), spec("ft/lora/1", "finetune", "lora")]
+             spec("ft/fmt/2", "finetune", "fmt", flops=3e12),
+             spec("ft/lora/1", "finetune", "lora")]
     progress = execution.Progress(len(specs), specs)
     clock[0] = 10.0
     line = progress.finished(Outcome("pretrain/a", ok=True, seconds=10.0))
-    assert line.startswith("[1/4 runs, ETA ")  # finetuning at the pretraining FLOP rate
+    assert line.startswith("[1/4 runs, ETA ")  # finetuning at the pretraining rate
     clock[0] = 14.0
     progress.finished(Outcome("ft/fmt/1", ok=True, seconds=4.0))
-    # One fmt run left at fmt's 4 s; lora has no finished run: its planned FLOPs at the rate
-    # seen so far (14 s for 1.001e12 FLOPs).
-    assert progress.eta() == pytest.approx(4.0 + 1e12 * 14.0 / (1e9 + 1e12))
+    # fmt's run left: 3x the planned FLOPs of the one that took 4 s; lora has no finished run:
+    # its planned FLOPs at the rate of all runs so far (14 s for 1.001e12 FLOPs).
+    assert progress.eta() == pytest.approx(12.0 + 1e12 * 14.0 / (1e9 + 1e12))

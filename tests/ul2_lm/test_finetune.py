@@ -333,13 +333,15 @@ def test_a_finetuning_run_is_refused_as_a_base(runs, method, tmp_path):
 
 def test_stops_early_reads_only_the_dev_history():
     def record(*losses):
-        return {"eval_history": [{"step": i, "split": "dev", "loss": v}
-                                 for i, v in enumerate(losses)]}
+        # Test-split evaluations, however low, take no part in the decision.
+        return {"eval_history": [e for i, v in enumerate(losses) for e in (
+            {"step": i, "split": "dev", "loss": v}, {"step": i, "split": "test", "loss": 0.1})]}
     assert not train.stops_early(record(3.0, 2.9, 2.8), patience=2)
     assert train.stops_early(record(3.0, 2.9, 2.95, 2.91), patience=2)
     assert not train.stops_early(record(3.0, 2.9, 2.95, 2.89), patience=2)
     assert train.stops_early(record(3.0, 2.9, 2.89, 2.88), patience=2, min_delta=0.05)
     assert train.stops_early(record(3.0, float("nan"), float("nan")), patience=2)
+    assert train.stops_early(record(3.0, None, None), patience=2)  # NaN as a record stores it
     assert not train.stops_early(record(3.0, 2.9), patience=2)
     # Not before min_steps steps without improvement (the evaluations here are one step apart).
     assert not train.stops_early(record(3.0, 2.9, 2.95, 2.91), patience=2, min_steps=3)
@@ -363,7 +365,11 @@ def test_early_stopping_keeps_the_best_step_and_a_rerun_trains_no_further(base, 
     assert first["steps"] == 3 and first["final"]["stopped_early_at"] == 3
     best = min(dev, key=lambda e: e["loss"])["step"]
     assert first["final"]["best_step"] == best
-    assert best in checkpointing.committed_steps(tmp_path / "checkpoints")
+    # Saved: the evaluations that lowered the dev loss, and the step the run stopped at.
+    lowered = [e["step"] for i, e in enumerate(dev)
+               if all(e["loss"] < d["loss"] for d in dev[:i])]
+    saved = checkpointing.committed_steps(tmp_path / "checkpoints")
+    assert best in saved and set(saved) <= set(lowered) | {3}
     again = train.run(config, tmp_path)  # resumes at the stopping step: nothing left to train
     assert again["steps"] == 3 and again["final"]["test_loss"] == first["final"]["test_loss"]
 
