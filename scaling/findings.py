@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from scaling import bootstrap, critical
+from scaling import bootstrap, critical, table as table_lib
+from scaling.report import fmt
 from scaling.table import FINETUNE_EXAMPLES, MODEL_PARAMS, PET_SIZE, PRETRAIN_TOKENS, Table
 
 AGREES, CONTRADICTS, INCONCLUSIVE = "agrees", "contradicts", "inconclusive"
@@ -191,12 +192,13 @@ def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
         return {}
     out: dict[str, Any] = {}
     methods = tab["method"]
-    keys = [tab[c] for c in (MODEL_PARAMS, PRETRAIN_TOKENS, FINETUNE_EXAMPLES, "seed")]
+    settings = table_lib.configuration_ids(
+        [tab[c] for c in (MODEL_PARAMS, PRETRAIN_TOKENS, FINETUNE_EXAMPLES, "seed")])
 
     def by_setting(mask):
         rows = {}
         for i in np.flatnonzero(mask & np.isfinite(tab[metric])):
-            rows.setdefault(tuple(float(k[i]) for k in keys), []).append(float(tab[metric][i]))
+            rows.setdefault(settings[i], []).append(float(tab[metric][i]))
         return {s: float(np.mean(v)) for s, v in rows.items()}
 
     fmt = by_setting(methods == FMT)
@@ -220,12 +222,11 @@ def _matched_gains(tab: Table, column: str, target: str) -> np.ndarray:
     match in every other factor (method, the other sizes, finetuning size, seed)."""
     others = [c for c in (MODEL_PARAMS, PRETRAIN_TOKENS, PET_SIZE, FINETUNE_EXAMPLES, "seed")
               if c != column]
-    groups: dict[tuple, list[tuple[float, float]]] = {}
+    ids = table_lib.configuration_ids([tab["method"]] + [tab[c] for c in others])
+    groups: dict[int, list[tuple[float, float]]] = {}
     y = tab[target]
     for i in np.flatnonzero(np.isfinite(y)):
-        key = (tab["method"][i],) + tuple(
-            "nan" if not np.isfinite(tab[c][i]) else float(tab[c][i]) for c in others)
-        groups.setdefault(key, []).append((float(tab[column][i]), float(y[i])))
+        groups.setdefault(ids[i], []).append((float(tab[column][i]), float(y[i])))
     gains = []
     for points in groups.values():
         points.sort()
@@ -257,8 +258,8 @@ def premise_lines(found: Mapping[str, Any]) -> list[str]:
         word = {AGREES: "holds", CONTRADICTS: "FAILS", INCONCLUSIVE: "is unclear"}[v]
         lo, hi = q["interval"]
         lines.append(f"- A {name} finetunes better: {word}. Mean test-loss gain over "
-                     f"{q['pairs']} matched pairs of runs {_fmt(q['estimate'])} (95% interval "
-                     f"[{_fmt(lo)}, {_fmt(hi)}]); {q['gained']} of {q['pairs']} pairs gained."
+                     f"{q['pairs']} matched pairs of runs {fmt(q['estimate'])} (95% interval "
+                     f"[{fmt(lo)}, {fmt(hi)}]); {q['gained']} of {q['pairs']} pairs gained."
                      + ("" if v == AGREES else " The study's factors then do not measure what "
                         "the paper's do: pretrain longer, or with larger gaps between sizes."))
     return lines or ["- No matched pairs of runs across model sizes or checkpoints."]
@@ -303,17 +304,11 @@ class Finding:
     evidence: tuple[str, ...]  # one line per quantity
 
 
-def _fmt(v: float) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{v:.3g}"
-
-
 def _q(name: str, q: Mapping[str, Any], v: str) -> str:
     lo, hi = q["interval"]
-    iv = (f"95% interval [{_fmt(lo)}, {_fmt(hi)}] ({q['draws']} draws)" if q["draws"]
+    iv = (f"95% interval [{fmt(lo)}, {fmt(hi)}] ({q['draws']} draws)" if q["draws"]
           else "no interval (no bootstrap)")
-    return f"{name} = {_fmt(q['estimate'])}, {iv}: {v}"
+    return f"{name} = {fmt(q['estimate'])}, {iv}: {v}"
 
 
 def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
@@ -369,8 +364,8 @@ def _extremes_finding(ext: Mapping[str, Any]) -> Finding:
                         e["gap_at_max"], v_large))
         c = e["crossing"]
         iv = c.get("interval")
-        lines.append(f"{m}: first crossing at {_fmt(c['estimate'])} examples ({c['status']})"
-                     + (f", 95% interval [{_fmt(iv[0])}, {_fmt(iv[1])}] over the "
+        lines.append(f"{m}: first crossing at {fmt(c['estimate'])} examples ({c['status']})"
+                     + (f", 95% interval [{fmt(iv[0])}, {fmt(iv[1])}] over the "
                         f"{c['fraction_crossing']:.0%} of draws that cross" if iv else ""))
     # Some PET method is better at the smallest size (none clearly worse is not enough), and
     # FMT is better than every PET method at the largest.
