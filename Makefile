@@ -19,11 +19,13 @@ $(STAMP): setup.py constraints.txt
 # prompt tuning over a small grid, fit the scaling laws and write the report (its time on two
 # cores: benchmarks/RESULTS_study.md).
 demo: $(STAMP)
-	$(BIN)/python -m scaling.study --config=configs/studies/demo.py --workdir=$(DEMO_DIR)
+	$(BIN)/python -m scaling.study --config=configs/studies/demo.py --workdir=$(DEMO_DIR) \
+		--executor=pool --workers=2
 
 # The full miniature of the paper (three sizes, two data subsets, 115 runs).
 study-tiny: $(STAMP)
-	$(BIN)/python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_tiny
+	$(BIN)/python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_tiny \
+		--executor=pool --workers=2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -3,8 +3,8 @@ r"""Runs a study end to end, timed, and records what it found in benchmarks/RESU
     python benchmarks/study_findings.py --config=configs/studies/demo.py --workdir=runs/demo
     python benchmarks/study_findings.py --config=configs/studies/tiny.py --workdir=runs/study_tiny
 
-The study runs as `make demo` runs it (`python -m scaling.study`, in a child process, so the
-wall time includes start-up); a study directory that already holds finished runs reuses them,
+The study runs as `make demo` runs it (`python -m scaling.study --executor=pool --workers=2`,
+in a child process, so the wall time includes start-up); a study directory that already holds finished runs reuses them,
 so give a fresh --workdir to time a whole study. The entry appended to RESULTS_study.md holds
 the command, machine, date, load, wall time, the runs' outcome and the report's findings
 section (verdicts and the evidence with its intervals) and premises, copied from REPORT.md.
@@ -35,10 +35,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--executor", default="pool", help="scaling.study's --executor")
+    p.add_argument("--workers", type=int, default=2, help="scaling.study's --workers")
     p.add_argument("--results_md", default=str(REPO / "benchmarks" / "RESULTS_study.md"))
     args = p.parse_args()
-    command = [sys.executable, "-m", "scaling.study", f"--config={args.config}",
-               f"--workdir={args.workdir}"]
+    flags = [f"--config={args.config}", f"--workdir={args.workdir}",
+             f"--executor={args.executor}"] + (
+        [f"--workers={args.workers}"] if args.executor != "local" else [])
+    command = [sys.executable, "-m", "scaling.study", *flags]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO)
@@ -46,7 +50,7 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     report_path = Path(args.workdir) / "REPORT.md"
     report = report_path.read_text() if report_path.exists() else ""
-    shown = f"python -m scaling.study --config={args.config} --workdir={args.workdir}"
+    shown = "python -m scaling.study " + " ".join(flags)
     entry = [
         f"## `{args.config}` ({datetime.date.today().isoformat()})", "",
         f"Command: `{shown}` (timed by `python benchmarks/study_findings.py`)  ",

@@ -183,8 +183,9 @@ class Progress:
     A finetuning run that stops early uses a fraction of its planned FLOPs, a fraction that
     differs between methods. So the ETA counts the planned FLOPs left in each group of runs
     (pretraining; finetuning by method) at the seconds per planned FLOP of that group's
-    finished runs, or of all finished runs while a group has none. Wall time over the summed
-    run durations scales it for runs that share the machine (parallel executors)."""
+    finished runs, or, while a finetuning group has none, of all finished finetuning runs (no
+    ETA before the first). Wall time over the summed run durations scales it for runs that
+    share the machine (parallel executors)."""
 
     def __init__(self, total: int, to_run: Sequence[RunSpec]):
         self.total, self.done = total, total - len(to_run)
@@ -204,9 +205,18 @@ class Progress:
         seconds = sum(v[0] for v in self.by_group.values())
         if not seconds:
             return math.nan
-        overall = seconds / max(sum(v[1] for v in self.by_group.values()), 1.0)
-        work = sum(flops * (self.by_group[g][0] / max(self.by_group[g][1], 1.0)
-                            if g in self.by_group else overall)
+
+        def rate(groups) -> float:
+            done = [self.by_group[g] for g in groups if g in self.by_group]
+            return sum(v[0] for v in done) / max(sum(v[1] for v in done), 1.0) if done \
+                else math.nan
+
+        # A finetuning group without finished runs goes at the rate of the other finetuning
+        # groups: pretraining runs use their whole budget, finetuning runs stop early, so
+        # pretraining's rate says nothing of them (no ETA until one has finished).
+        finetune = rate([g for g in self.by_group if g.startswith("finetune")])
+        work = sum(flops * (rate([g]) if g in self.by_group
+                            else finetune if g.startswith("finetune") else rate(self.by_group))
                    for g, flops in self.left.values())
         return work * (time.perf_counter() - self.start) / seconds
 

@@ -23,6 +23,8 @@ The executors:
 - `SequentialExecutor(runner)`: in this process, one run at a time; a run is `runner(spec)`.
 - `ParallelExecutor(num_workers)`: on this machine, up to N runs at once; a run is one trainer
   process.
+- `PoolExecutor(num_workers)` (scaling/pool.py): on this machine, up to N runs at once in N
+  long-lived worker processes, each training one run after another in-process.
 - `LocalPodExecutor(num_processes)`: on this machine, as a pod slice would run it; a run is N
   trainer processes joined by jax.distributed.
 - `GcloudTPUExecutor(...)`: on Cloud TPU VMs, one slice per run (or per batch of small runs); a

@@ -17,12 +17,14 @@ conclude nothing. The findings (Zhang et al. 2024, reference/paper.md, section 6
   (ii)  |alpha_t| small against alpha_m: PET size matters little (tested as
         alpha_m / 4 - |alpha_t| > 0);
   (iii) beta_FMT > beta of each PET method: FMT gains most from finetuning data;
-  (iv)  a PET method is best at the smallest finetuning-data size and FMT at the largest, for
-        the anchor model (the critical size lies inside the grid);
+  (iv)  a PET method is best at the smallest finetuning-data size and FMT at the largest (the
+        critical size lies inside the grid): measured on matched runs at the grid's ends, and
+        predicted by the model-size fits for the anchor model;
   (v)   zero-shot transfer to a related task is better after PET than after FMT.
 
 `comparisons` computes the evidence from fitted results and their bootstrap draws (scaling.fit
-stores it in fit.json); `zero_shot` computes (v) from the runs' table; `verdicts` and
+stores it in fit.json); `zero_shot` computes (v), and `measured_extremes` the measured part of
+(iv), from the runs' table; `verdicts` and
 `section` turn evidence into the report's lines.
 """
 
@@ -183,6 +185,33 @@ def _anchor_size(plan) -> float:
     return float(plan.table[MODEL_PARAMS][rows].max())
 
 
+def _fmt_minus_pet(tab: Table, metric: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per PET method, FMT's `metric` minus the PET method's over matched runs among `rows`
+    (same model, pretraining data, finetuning size and seed; the PET method at the size its
+    settings share, the most frequent one): positive where PET has the lower value."""
+    out: dict[str, np.ndarray] = {}
+    methods = tab["method"]
+    settings = table_lib.configuration_ids(
+        [tab[c] for c in (MODEL_PARAMS, PRETRAIN_TOKENS, FINETUNE_EXAMPLES, "seed")])
+
+    def by_setting(mask):
+        values = {}
+        for i in np.flatnonzero(mask & rows & np.isfinite(tab[metric])):
+            values.setdefault(settings[i], []).append(float(tab[metric][i]))
+        return {s: float(np.mean(v)) for s, v in values.items()}
+
+    fmt = by_setting(methods == FMT)
+    for method in sorted(set(methods) - {FMT}):
+        pet_rows = methods == method
+        sizes, counts = np.unique(tab[PET_SIZE][pet_rows], return_counts=True)
+        pet = by_setting(pet_rows & (tab[PET_SIZE] == sizes[np.argmax(counts)])) if sizes.size \
+            else {}
+        common = sorted(set(fmt) & set(pet))
+        if common:
+            out[method] = np.array([fmt[s] - pet[s] for s in common])
+    return out
+
+
 def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
               level: float = 0.95) -> dict[str, Any]:
     """Finding (v): per PET method, the mean over matched runs (same model, pretraining data,
@@ -190,31 +219,26 @@ def zero_shot(tab: Table, metric: str, n_draws: int = 1000, seed: int = 0,
     transfers better), with a bootstrap interval over the matched pairs. {} without the metric."""
     if metric not in tab:
         return {}
-    out: dict[str, Any] = {}
-    methods = tab["method"]
-    settings = table_lib.configuration_ids(
-        [tab[c] for c in (MODEL_PARAMS, PRETRAIN_TOKENS, FINETUNE_EXAMPLES, "seed")])
-
-    def by_setting(mask):
-        rows = {}
-        for i in np.flatnonzero(mask & np.isfinite(tab[metric])):
-            rows.setdefault(settings[i], []).append(float(tab[metric][i]))
-        return {s: float(np.mean(v)) for s, v in rows.items()}
-
-    fmt = by_setting(methods == FMT)
     rng = np.random.default_rng(seed)
-    for method in sorted(set(methods) - {FMT}):
-        pet_rows = methods == method
-        # The PET size each setting's default uses: the most frequent one among its runs.
-        sizes, counts = np.unique(tab[PET_SIZE][pet_rows], return_counts=True)
-        pet = by_setting(pet_rows & (tab[PET_SIZE] == sizes[np.argmax(counts)])) if sizes.size \
-            else {}
-        common = sorted(set(fmt) & set(pet))
-        if not common:
-            continue
-        diff = np.array([fmt[s] - pet[s] for s in common])
-        out[method] = _mean_of_pairs(diff, rng, n_draws, level)
-    return out
+    return {m: _mean_of_pairs(d, rng, n_draws, level)
+            for m, d in _fmt_minus_pet(tab, metric, np.ones(len(tab[metric]), bool)).items()}
+
+
+def measured_extremes(tab: Table, target: str = "test_loss", n_draws: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Finding (iv) measured, without a law: at the grid's smallest and largest finetuning
+    size, per PET method, the mean over matched runs of FMT's loss minus the PET method's
+    (positive: PET better), with a bootstrap interval over the pairs. {} without both."""
+    if target not in tab or FINETUNE_EXAMPLES not in tab:
+        return {}
+    n = tab[FINETUNE_EXAMPLES]
+    n_min, n_max = float(np.nanmin(n)), float(np.nanmax(n))
+    rng = np.random.default_rng(seed)
+    small, large = (_fmt_minus_pet(tab, target, n == v) for v in (n_min, n_max))
+    methods = {m: {"gap_at_min": _mean_of_pairs(small[m], rng, n_draws, level),
+                   "gap_at_max": _mean_of_pairs(large[m], rng, n_draws, level)}
+               for m in sorted(set(small) & set(large))}
+    return {"n_min": n_min, "n_max": n_max, "methods": methods} if methods else {}
 
 
 def _matched_gains(tab: Table, column: str, target: str) -> np.ndarray:
@@ -312,8 +336,10 @@ def _q(name: str, q: Mapping[str, Any], v: str) -> str:
 
 
 def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
-             zero_shot_task: str | None = None) -> list[Finding]:
-    """The five findings for one task's evidence (`comparisons(...)[task]`)."""
+             zero_shot_task: str | None = None, measured: Mapping[str, Any] | None = None
+             ) -> list[Finding]:
+    """The five findings for one task's evidence (`comparisons(...)[task]`), with (v) from
+    `zero_shot` and (iv) also from `measured_extremes`."""
     out = []
     qs = evidence.get(MODEL_OVER_DATA, {})
     vs = {m: verdict(q) for m, q in qs.items()}
@@ -333,7 +359,7 @@ def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
                        combine(list(vs.values())),
                        tuple(_q(f"beta_fmt - beta_{m}", q, vs[m]) for m, q in qs.items())
                        or ("no FMT fit, or no PET fit, to compare",)))
-    out.append(_extremes_finding(evidence.get("data_extremes", {})))
+    out.append(_extremes_finding(evidence.get("data_extremes", {}), measured))
     if zero:
         vs = {m: verdict(q) for m, q in zero.items()}
         out.append(Finding(
@@ -347,36 +373,51 @@ def verdicts(evidence: Mapping[str, Any], zero: Mapping[str, Any] | None = None,
     return out
 
 
-def _extremes_finding(ext: Mapping[str, Any]) -> Finding:
+def _ends(methods: Mapping[str, Any]) -> str:
+    """(iv) from the gaps at the grid's ends: some PET method better at the smallest size
+    (none clearly worse is not enough), and FMT better than every PET method at the largest."""
+    small = [verdict(e["gap_at_min"]) for e in methods.values()]  # FMT - PET > 0: PET better
+    large = [verdict(e["gap_at_max"], above=False) for e in methods.values()]
+    pet_small = AGREES if AGREES in small else (
+        CONTRADICTS if small and all(v == CONTRADICTS for v in small) else INCONCLUSIVE)
+    return combine([pet_small, combine(large)])
+
+
+def _extremes_finding(ext: Mapping[str, Any], measured: Mapping[str, Any] | None = None
+                      ) -> Finding:
+    """(iv) from the runs themselves (`measured_extremes`) and from the model-size fits at the
+    anchor model (`comparisons`): a contradiction by either contradicts; otherwise either
+    agreeing agrees."""
     statement = ("a PET method is best at the smallest finetuning-data size and FMT at the "
                  "largest (the critical size lies inside the grid)")
-    if not ext:
-        return Finding("iv", statement, INCONCLUSIVE, ("no FMT and PET model-size fits",))
-    lines, small, large = [], [], []
-    for m, e in ext["methods"].items():
-        v_small = verdict(e["gap_at_min"])  # FMT - PET > 0: PET better
-        v_large = verdict(e["gap_at_max"], above=False)  # FMT - PET < 0: FMT better
-        small.append(v_small)
-        large.append(v_large)
-        lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_min']:,.0f} examples",
-                        e["gap_at_min"], v_small))
-        lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_max']:,.0f} examples",
-                        e["gap_at_max"], v_large))
-        c = e["crossing"]
-        iv = c.get("interval")
-        lines.append(f"{m}: first crossing at {fmt(c['estimate'])} examples ({c['status']})"
-                     + (f", 95% interval [{fmt(iv[0])}, {fmt(iv[1])}] over the "
-                        f"{c['fraction_crossing']:.0%} of draws that cross" if iv else ""))
-    # Some PET method is better at the smallest size (none clearly worse is not enough), and
-    # FMT is better than every PET method at the largest.
-    pet_small = AGREES if AGREES in small else (CONTRADICTS if all(v == CONTRADICTS
-                                                                    for v in small)
-                                                 else INCONCLUSIVE)
-    fmt_large = combine(large)
-    v = combine([pet_small, fmt_large])
-    head = (f"anchor model of {ext['model_params']:,.0f} parameters, grid "
-            f"{ext['n_min']:,.0f}-{ext['n_max']:,.0f} examples")
-    return Finding("iv", statement, v, (head, *lines))
+    if not ext and not measured:
+        return Finding("iv", statement, INCONCLUSIVE, ("no FMT and PET runs to compare",))
+    lines, found = [], []
+    if measured:
+        found.append(_ends(measured["methods"]))
+        lines.append(f"measured: matched runs (same model, pretraining data and seed) at the "
+                     f"grid's ends, {measured['n_min']:,.0f} and {measured['n_max']:,.0f} "
+                     "examples")
+        for m, e in measured["methods"].items():
+            for end, key, above in (("n_min", "gap_at_min", True), ("n_max", "gap_at_max", False)):
+                q = e[key]
+                lines.append(_q(f"{m}: L_fmt - L_{m} at {measured[end]:,.0f} examples (mean over "
+                                f"{q['pairs']} matched runs)", q, verdict(q, above=above)))
+    if ext:
+        found.append(_ends(ext["methods"]))
+        lines.append(f"by the model-size fits: anchor model of {ext['model_params']:,.0f} "
+                     f"parameters, grid {ext['n_min']:,.0f}-{ext['n_max']:,.0f} examples")
+        for m, e in ext["methods"].items():
+            lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_min']:,.0f} examples",
+                            e["gap_at_min"], verdict(e["gap_at_min"])))
+            lines.append(_q(f"{m}: L_fmt - L_{m} at {ext['n_max']:,.0f} examples",
+                            e["gap_at_max"], verdict(e["gap_at_max"], above=False)))
+            c = e["crossing"]
+            iv = c.get("interval")
+            lines.append(f"{m}: first crossing at {fmt(c['estimate'])} examples ({c['status']})"
+                         + (f", 95% interval [{fmt(iv[0])}, {fmt(iv[1])}] over the "
+                            f"{c['fraction_crossing']:.0%} of draws that cross" if iv else ""))
+    return Finding("iv", statement, combine(found, any_agrees=True), tuple(lines))
 
 
 def section(findings: Sequence[Finding]) -> list[str]:

@@ -8,7 +8,7 @@ intermediate checkpoints as the pretraining-data factor), the finetuning grid (m
 finetuning-data sizes x PET sizes x seeds, over the three factors of the paper: model size,
 pretraining data, PET size), the held-out values and the fit. The runner plans every run,
 hands them to an executor (scaling/executors.py: local sequential by default, local parallel,
-or TPU slices through gcloud), fits the laws to what finished and writes DIR/REPORT.md.
+or TPU slices through gcloud; scaling/pool.py: a pool of local workers), fits the laws to what finished and writes DIR/REPORT.md.
 
 DIR holds: study.json (the study config and the planned runs), runs/<run_id>/ (each run's own
 workdir: checkpoints, record.json, run_config.json), status.json (how each run ended), fit/
@@ -97,6 +97,7 @@ def _run(FLAGS) -> int:
     options = {
         "local": {"runner": in_process_runner},
         "parallel": {"num_workers": FLAGS.workers},
+        "pool": {"num_workers": FLAGS.workers, "runner": in_process_runner},
         "local_pod": {"num_processes": FLAGS.processes, "num_workers": FLAGS.workers},
         "gcloud": {"project": FLAGS.gcloud_project, "zone": FLAGS.gcloud_zone,
                    "accelerator_type": FLAGS.accelerator_type,
@@ -105,7 +106,12 @@ def _run(FLAGS) -> int:
                    "runs_per_slice": FLAGS.runs_per_slice, "max_slices": FLAGS.max_slices,
                    "remote_python": FLAGS.remote_python},
     }[FLAGS.executor]
-    executor = executors.make_executor(FLAGS.executor, **options)
+    if FLAGS.executor == "pool":
+        from scaling.pool import PoolExecutor
+
+        executor = PoolExecutor(**options)
+    else:
+        executor = executors.make_executor(FLAGS.executor, **options)
     if hasattr(executor, "validate"):
         try:
             executor.validate()  # a malformed zone or slice type: before any run starts
@@ -135,10 +141,12 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The study's directory.")
     flags.DEFINE_bool("plan", False, "Print the run list, count, accelerator hours and commands; "
                       "run nothing.")
-    flags.DEFINE_enum("executor", "local", ["local", "parallel", "local_pod", "gcloud"],
-                      "Where runs run: this process, N local processes, multi-process jobs on "
-                      "this machine (as on a pod), or TPU VM slices through gcloud.")
-    flags.DEFINE_integer("workers", 2, "Runs at once (parallel, local_pod).")
+    flags.DEFINE_enum("executor", "local", ["local", "pool", "parallel", "local_pod", "gcloud"],
+                      "Where runs run: this process; N long-lived local worker processes, "
+                      "each running one run after another (fastest for many small runs); a "
+                      "local process per run; multi-process jobs on this machine (as on a "
+                      "pod); or TPU VM slices through gcloud.")
+    flags.DEFINE_integer("workers", 2, "Runs at once (pool, parallel, local_pod).")
     flags.DEFINE_integer("processes", 2, "Processes per run (local_pod).")
     flags.DEFINE_string("gcloud_project", None, "gcloud: the project.")
     flags.DEFINE_string("gcloud_zone", None, "gcloud: the zone, e.g. us-central2-b.")

@@ -205,15 +205,16 @@ def _findings(study: Study, doc: Mapping[str, Any], table) -> list[str]:
     columns = [c for c in table.names if c.startswith("zero_shot.") and c.endswith(".loss")]
     zero = findings.zero_shot(table, columns[0]) if columns else {}
     zs_task = columns[0].split(".")[1] if columns else None
+    measured = findings.measured_extremes(table, doc["settings"]["target"])
     lines = ["## Findings", "",
              "The paper's headline findings (reference: Zhang et al. 2024, section 6), each "
              "tested on this study's multiplicative fits, bootstrapped "
-             f"{int(study.config.fit.bootstrap)} times:", ""]
+             f"{int(study.config.fit.bootstrap)} times, and (iv) and (v) also on the runs "
+             "themselves (matched runs, bootstrapped over the pairs):", ""]
     comparisons = doc.get("comparisons", {}).get(study.config.task)
     if comparisons is None:
-        lines.append("No multiplicative fit of this task: nothing to test.")
-    else:
-        lines += findings.section(findings.verdicts(comparisons, zero, zs_task))
+        lines += ["No multiplicative fit of this task: (i)-(iii) cannot be tested.", ""]
+    lines += findings.section(findings.verdicts(comparisons or {}, zero, zs_task, measured))
     lines += ["", "## Does the study measure what the paper's does?", "",
               "The paper's factors presume that a larger model, and more pretraining, make a "
               "better base for finetuning. Tested on this study's runs:", ""]

@@ -119,6 +119,8 @@ def default_config() -> ml_collections.ConfigDict:
         # train.num_steps, whichever comes first (needs data.pack=False)
         eval_every_epochs=None,  # evaluate dev loss every this many epochs (None: every
         # train.eval_every_steps); at least every step
+        eval_min_steps=1,  # ... and at most every this many steps (tiny datasets, whose epoch
+        # is a step or two, would otherwise spend more time evaluating than training)
         early_stopping_evals=None,  # stop once this many evaluations in a row have not
         # lowered the best dev loss by early_stopping_min_delta (None: no early stopping)
         early_stopping_min_delta=0.0,  # nats per target token
@@ -303,7 +305,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     for key in ("evaluation.max_new_tokens",
                 "evaluation.decode_batch_size", "evaluation.beam_size", "finetune.num_epochs",
                 "finetune.eval_every_epochs", "finetune.early_stopping_evals",
-                "evaluation.num_eval_batches",
+                "finetune.eval_min_steps", "evaluation.num_eval_batches",
                 "finetune.lora.rank", "finetune.prompt.length", "finetune.prompt.top_k",
                 "finetune.optim.peak_learning_rate"):
         _positive(config, key)

@@ -410,7 +410,8 @@ def prepare(config: ml_collections.ConfigDict, model_config: model_lib.ModelConf
             raise ConfigError("finetune.eval_every_epochs", "an epoch counts examples, and a "
                               "packed row holds a varying number of them: set data.pack=False "
                               "or use train.eval_every_steps")
-        eval_every_steps = _epochs_to_steps(ft.eval_every_epochs, num_examples, config)
+        eval_every_steps = max(_epochs_to_steps(ft.eval_every_epochs, num_examples, config),
+                               int(ft.eval_min_steps))
     if config.optim.warmup_steps > num_steps:
         raise ConfigError("optim.warmup_steps", f"{config.optim.warmup_steps} exceeds the "
                           f"run's {num_steps} steps")

@@ -1,6 +1,6 @@
 """A complete miniature of the paper on a CPU: three tiny model sizes pretrained with UL2 on the
 embedded corpus (a quarter of its documents bitext, so that pretraining teaches some
-translation, as web text does), the largest one's intermediate checkpoint as the
+translation, as web text does), the middle one's intermediate checkpoint as the
 pretraining-data factor; each finetuned by FMT, LoRA and prompt tuning on embedded xen->xde
 translation over two decades of finetuning-data sizes (2 to 200 examples), two PET sizes per
 method and two data subsets. Every finetuning run follows the paper's protocol in miniature:
@@ -16,12 +16,14 @@ python -m scaling.study --config=configs/studies/tiny.py --workdir=runs/study_ti
 import ml_collections
 
 # Finetuning in the paper's protocol, at the miniature's scale (every finetuning run): dev loss
-# every epoch, and a stop once three evaluations and 20 steps bring no improvement.
+# every epoch (but not more often than every other step: an epoch of 2 examples is one step),
+# and a stop once three evaluations and 20 steps bring no improvement.
 FINETUNE_PROTOCOL = {
     # The same step budget and schedule for every data size (so that runs of one shape share
     # their compiled step): early stopping, not the budget, ends a run.
     "train": {"num_steps": 2000, "global_batch_size": 16, "log_every_steps": 100},
-    "finetune": {"num_epochs": None, "eval_every_epochs": 1, "early_stopping_evals": 3,
+    "finetune": {"num_epochs": None, "eval_every_epochs": 1, "eval_min_steps": 2,
+                 "early_stopping_evals": 3,
                  "early_stopping_min_steps": 20,
                  "prompt": {"length": 20}},
     "checkpoint": {"every_steps": 1000},
@@ -46,7 +48,9 @@ def get_config():
                       mlp_dim=384),
             "m": dict(size="tiny"),
         },
-        anchor_size="m",  # its checkpoints make the pretraining-data sweep
+        # Its checkpoints make the pretraining-data sweep, and the PET-size sweep is run on it:
+        # the middle size, so that most runs are cheap (m finetunes at twice s's cost).
+        anchor_size="s",
         num_steps=500,
         checkpoints=(250,),  # and the last step
         overrides={"train": {"eval_every_steps": 250, "log_every_steps": 50},

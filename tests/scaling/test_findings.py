@@ -149,3 +149,47 @@ def test_the_verdict_table_is_one_row_per_finding(paper_evidence):
     assert len(rows) == 5
     # Markdown cells: a '|' inside a statement would split its row.
     assert all(row.count("|") == 3 for row in rows)
+
+
+def _extremes_table(gap_small: float, gap_large: float, seeds=(0, 1, 2)) -> Table:
+    """FMT and LoRA runs over matched settings; FMT minus LoRA is gap_small at 2 examples and
+    gap_large at 200 (plus noise), with a LoRA PET-size point that matches nothing."""
+    rng = np.random.default_rng(1)
+    cols = {k: [] for k in ("task", "method", "model_params", "pretrain_tokens", "pet_size",
+                            "finetune_examples", "seed", "test_loss")}
+    for m in (1e6, 2e6):
+        for n, gap in ((2, gap_small), (20, 0.0), (200, gap_large)):
+            for seed in seeds:
+                fmt = 3.0 - 0.1 * np.log10(n) + 0.003 * rng.standard_normal()
+                rows = [("fmt", np.nan, fmt), ("lora", 4.0, fmt - gap)]
+                if m == 2e6 and seed == 0:
+                    rows.append(("lora", 16.0, 9.0))
+                for method, pet, loss in rows:
+                    for k, v in (("task", "t"), ("method", method), ("model_params", m),
+                                 ("pretrain_tokens", 1e8), ("pet_size", pet),
+                                 ("finetune_examples", n), ("seed", seed), ("test_loss", loss)):
+                        cols[k].append(v)
+    return Table(cols)
+
+
+@pytest.mark.parametrize("gaps,expected", [
+    ((0.05, -0.1), "agrees"),        # PET ahead with little data, FMT with much
+    ((-0.05, -0.1), "contradicts"),  # FMT ahead everywhere
+    ((0.05, 0.1), "contradicts"),    # PET ahead everywhere
+])
+def test_data_extremes_are_measured_on_matched_runs(gaps, expected):
+    measured = findings.measured_extremes(_extremes_table(*gaps), n_draws=300)
+    assert (measured["n_min"], measured["n_max"]) == (2, 200)
+    gap = measured["methods"]["lora"]
+    assert gap["gap_at_min"]["pairs"] == 6 and gap["gap_at_max"]["pairs"] == 6
+    assert gap["gap_at_min"]["estimate"] == pytest.approx(gaps[0])
+    assert gap["gap_at_max"]["estimate"] == pytest.approx(gaps[1])
+    found = {f.key: f for f in findings.verdicts({}, measured=measured)}
+    assert found["iv"].verdict == expected
+    assert any("matched runs" in line for line in found["iv"].evidence)
+
+
+def test_too_few_matched_runs_at_the_ends_conclude_nothing():
+    measured = findings.measured_extremes(_extremes_table(0.05, -0.1, seeds=(0,)), n_draws=300)
+    assert measured["methods"]["lora"]["gap_at_min"]["pairs"] == 2
+    assert _by_key(findings.verdicts({}, measured=measured))["iv"] == "inconclusive"

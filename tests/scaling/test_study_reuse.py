@@ -279,9 +279,11 @@ def test_progress_counts_runs_left_at_their_groups_rate(monkeypatch):
     progress = execution.Progress(len(specs), specs)
     clock[0] = 10.0
     line = progress.finished(Outcome("pretrain/a", ok=True, seconds=10.0))
-    assert line.startswith("[1/4 runs, ETA ")  # finetuning at the pretraining rate
+    # Finetuning runs stop early: pretraining's rate says nothing of them, so no ETA yet.
+    assert line.startswith("[1/4 runs] pretrain/a: done")
     clock[0] = 14.0
     progress.finished(Outcome("ft/fmt/1", ok=True, seconds=4.0))
     # fmt's run left: 3x the planned FLOPs of the one that took 4 s; lora has no finished run:
-    # its planned FLOPs at the rate of all runs so far (14 s for 1.001e12 FLOPs).
-    assert progress.eta() == pytest.approx(12.0 + 1e12 * 14.0 / (1e9 + 1e12))
+    # its planned FLOPs at the rate of the finetuning runs so far (4 s for 1e12 FLOPs), the
+    # whole scaled by wall time over summed run time (14 s / 14 s).
+    assert progress.eta() == pytest.approx(12.0 + 4.0)

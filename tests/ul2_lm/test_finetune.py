@@ -380,6 +380,10 @@ def test_evaluation_every_epochs_counts_the_finetuning_data(base):
     assert train.build(config).finetune.eval_every_steps == 4
     config.finetune.eval_every_epochs = 0.01
     assert train.build(config).finetune.eval_every_steps == 1
+    config.finetune.eval_min_steps = 3  # a floor for tiny datasets; longer epochs unaffected
+    assert train.build(config).finetune.eval_every_steps == 3
+    config.finetune.eval_every_epochs = 0.5
+    assert train.build(config).finetune.eval_every_steps == 4
 
 
 def test_evaluation_batches_are_built_once_per_split_and_shared_across_subsets(base):
