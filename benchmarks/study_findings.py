@@ -4,10 +4,11 @@ r"""Runs a study end to end, timed, and records what it found in benchmarks/RESU
     python benchmarks/study_findings.py --config=configs/studies/tiny.py --workdir=runs/study_tiny
 
 The study runs as `make demo` runs it (`python -m scaling.study --executor=pool --workers=2`,
-in a child process, so the wall time includes start-up); a study directory that already holds finished runs reuses them,
-so give a fresh --workdir to time a whole study. The entry appended to RESULTS_study.md holds
-the command, machine, date, load, wall time, the runs' outcome and the report's findings
-section (verdicts and the evidence with its intervals) and premises, copied from REPORT.md.
+in a child process, so the wall time includes start-up); a study directory that already holds
+finished runs reuses them, so give a fresh --workdir to time a whole study. The entry appended
+to RESULTS_study.md holds the command, machine, date, load, wall time, the runs' outcome and the
+report's findings section (verdicts and the evidence with its intervals) and premises, copied
+from REPORT.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ The promises of every executor hold (scaling/executors.py). Besides:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import multiprocessing
 import os
 import signal
@@ -34,8 +33,6 @@ from pathlib import Path
 from scaling.executors import (_READY, _WAIT, Done, Executor, Skip, _exit_description, _Ledger,
                                error_summary, train_in_process)
 from scaling.runspec import Outcome, RunSpec
-
-log = logging.getLogger(__name__)
 
 
 def _redirect_output(path: Path) -> tuple[int, int]:

@@ -8,7 +8,8 @@ intermediate checkpoints as the pretraining-data factor), the finetuning grid (m
 finetuning-data sizes x PET sizes x seeds, over the three factors of the paper: model size,
 pretraining data, PET size), the held-out values and the fit. The runner plans every run,
 hands them to an executor (scaling/executors.py: local sequential by default, local parallel,
-or TPU slices through gcloud; scaling/pool.py: a pool of local workers), fits the laws to what finished and writes DIR/REPORT.md.
+or TPU slices through gcloud; scaling/pool.py: a pool of local workers), fits the laws to what
+finished and writes DIR/REPORT.md.
 
 DIR holds: study.json (the study config and the planned runs), runs/<run_id>/ (each run's own
 workdir: checkpoints, record.json, run_config.json), status.json (how each run ended), fit/

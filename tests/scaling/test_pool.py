@@ -71,7 +71,8 @@ def test_a_failing_run_is_reported_and_its_worker_goes_on(tmp_path):
         ("bad", (), {"error": "learning rate must be positive"}), ("child", ("bad",), {}),
         ("after", (), {})], workers=1)
     assert got["bad"].reason == "ValueError: learning rate must be positive"
-    assert got["child"].reason == "dependency bad failed: ValueError: learning rate must be positive"
+    assert got["child"].reason == ("dependency bad failed: ValueError: learning rate must be "
+                                   "positive")
     assert not (tmp_path / "child").exists()
     assert got["after"].ok
     assert "Traceback" in (tmp_path / "bad" / "train.log").read_text()
