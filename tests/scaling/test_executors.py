@@ -250,10 +250,16 @@ def test_parallel_env_and_slot_env_reach_the_child(tmp_path):
 
 
 POD_WORKER = textwrap.dedent("""
-    import os, sys, time
-    print("pid", os.getpid(), flush=True)
+    import os, pathlib, sys, time
+    workdir = pathlib.Path(next(a for a in sys.argv if a.startswith("--workdir=")).split("=", 1)[1])
+    pid_file = workdir / "process0.pid"
     if "--process_id=1" in sys.argv:
+        # Fail only once process 0 is up, so the test can check that it was stopped.
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         raise RuntimeError("gloo: connection refused")
+    pid_file.write_text(str(os.getpid()))
     time.sleep(60)  # Process 0 would wait for its peer forever.
 """)
 
@@ -272,7 +278,7 @@ def test_pod_job_fails_as_one_when_a_process_fails(tmp_path):
     FakePod(num_processes=2).run([spec("a", tmp_path / "a")], done)
     assert time.monotonic() - start < 30  # Process 0 was stopped, not waited for.
     assert outcomes[0].reason == "process 1: RuntimeError: gloo: connection refused (exit code 1)"
-    pid0 = int((tmp_path / "a" / "train.log").read_text().split("pid ")[1].split()[0])
+    pid0 = int((tmp_path / "a" / "process0.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid0, 0)
     assert (tmp_path / "a" / "train.process1.log").exists()
