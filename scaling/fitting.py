@@ -11,6 +11,13 @@ rules do not depend on the objective's scale, and afterwards (1) a fresh restart
 returned point on the objective rescaled to 1 there must not improve it, (2) the best starts
 must agree, (3) no parameter may sit on a bound. A fit failing any check is returned with
 `certified=False` and the reason.
+
+One bound is not a failure: a log-coefficient at its lower bound whose term has vanished (under
+a millionth of the loss at every point; the floor E of curves that show none). The fit is then
+the boundary optimum of the law without that term -- a law in its own right (L = A X^-alpha
+Df^-beta for the multiplicative one) -- and is certified as that, its checks listing the term as
+`dropped`. Refusing it would also bias every bootstrap interval: the resampled fits that reach
+E = 0 would be left out and only those with a floor kept.
 """
 
 from __future__ import annotations
@@ -675,6 +682,10 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
     obj = Objective(law, data, config, weights=weights, owner=np.arange(B),
                     scale=1.0 / np.where(f > 0, f, 1.0), fixed_rows=fixed_rows)
     _, grad = obj.value_grad(theta, np.arange(B))
+    vanished = [set() for _ in range(B)]
+    for k in law.linear_index:
+        for b in np.flatnonzero(_term_share(obj, theta, k) < VANISHING_SHARE):
+            vanished[b].add(k)
     for b in range(B):
         c = checks[b]
         c["restart_improvement"] = float(improvement[b])
@@ -688,12 +699,18 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
             reasons[b] = (f"not a minimum: a restart from the returned point on the rescaled "
                           f"objective improved it by a fraction {improvement[b]:.3g}")
             continue
-        # (3) Parameters pinned at bounds.
+        # (3) Parameters pinned at bounds, except vanishing terms (a boundary optimum of the
+        # law without them, which is a law of its own: a power law with no floor).
         tol = config.bound_rtol * (hi - lo)
         pinned = [(law.names[i], "lower" if theta[b, i] - lo[i] <= tol[i] else "upper",
                    lo[i] if theta[b, i] - lo[i] <= tol[i] else hi[i])
                   for i in range(theta.shape[1])
                   if theta[b, i] - lo[i] <= tol[i] or hi[i] - theta[b, i] <= tol[i]]
+        dropped = [n for n, side, _ in pinned
+                   if side == "lower" and law.names.index(n) in vanished[b]]
+        if dropped:
+            c["dropped"] = dropped
+            pinned = [p for p in pinned if p[0] not in dropped]
         if pinned:
             reasons[b] = "parameter(s) at bounds: " + ", ".join(
                 _pinned_reason(law, n, side, v) for n, side, v in pinned)
@@ -713,13 +730,23 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
 
 
 def _pinned_reason(law, name, side, value):
-    text = f"{name} at its {side} bound {value:g}"
-    if side == "lower" and law.params[law.names.index(name)].linear:
-        # A log-coefficient at its floor means its term is negligible: the data favour a law
-        # without it (e.g. no loss floor E), which the law as written reaches only in the limit.
-        text += f" (its term exp({value:g}) = {math.exp(value):.2g} vanishes: the data favour " \
-                "dropping it)"
-    return text
+    return f"{name} at its {side} bound {value:g}"
+
+
+VANISHING_SHARE = 1e-6  # a term under this share of the loss at every point has vanished
+
+
+def _term_share(obj: Objective, x: np.ndarray, k: int) -> np.ndarray:
+    """[B] the largest share of the predicted loss, over the points, that the term of
+    log-coefficient k (e.g. the floor E) contributes at parameters x [B, P]."""
+    trial = x.copy()
+    trial[:, k] = obj.law.lower[k] - 50.0  # exp(-50) of the floor's own bound: the term gone
+    model = obj._law(np.arange(x.shape[0]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        share = 1.0 - np.exp(model.log_loss(trial, obj.data.inputs)
+                             - model.log_loss(x, obj.data.inputs))
+    share = np.max(np.abs(share), axis=1)
+    return np.where(np.isfinite(share), share, np.inf)
 
 
 def _drop_vanishing_terms(obj: Objective, x: np.ndarray, f: np.ndarray
@@ -740,12 +767,8 @@ def _drop_vanishing_terms(obj: Objective, x: np.ndarray, f: np.ndarray
         lo = law.lower[k]
         trial = x.copy()
         trial[:, k] = lo
-        model = obj._law(everyone)
-        with np.errstate(over="ignore", invalid="ignore"):
-            share = 1.0 - np.exp(model.log_loss(trial, obj.data.inputs)
-                                 - model.log_loss(x, obj.data.inputs))
         sel = np.flatnonzero((x[:, k] > lo) & np.isfinite(f) & (f > 0)
-                             & (np.max(share, axis=1) < 1e-2))
+                             & (_term_share(obj, x, k) < 1e-2))
         if sel.size == 0:
             continue
         scaled = Objective(law, obj.data, cfg, weights=obj.weights, owner=owner[sel],

@@ -123,8 +123,16 @@ def certification(results: Mapping[Any, procedures.ProcedureResult]) -> str:
         fits += [(f, ff.fit) for f, ff in r.factors.items()]
         for name, f in fits:
             rows.append([" ".join(map(str, key)), name, "yes" if f.certified else "**no**",
-                         f.reason or "", fmt(f.objective, 4)])
+                         f.reason or _dropped(f), fmt(f.objective, 4)])
     return _table(["fit", "stage", "certified", "reason", "objective (summed Huber)"], rows)
+
+
+def _dropped(fit) -> str:
+    names = fit.checks.get("dropped", [])
+    if not names:
+        return ""
+    return ("fitted without " + ", ".join(names) + ": at its lower bound, its term vanishes "
+            "(the data show none)")
 
 
 def _method_rank(m: str) -> int:

@@ -272,9 +272,10 @@ def _numbers(cells):
 
 
 def test_uncertified_fits_are_marked_in_every_table(tmp_path):
-    # A negative floor: E ends on its lower bound in every fit, which is then not certified.
+    # A floor above E's upper bound (exp(5)): E ends on that bound in every fit, which is then
+    # not certified.
     d = np.array(SIZES[1:], float)
-    models = [(f"m{i}", x, 40.0 * x ** -0.12 * d ** -0.2 - 0.2 + _noise(d.size, i), "F")
+    models = [(f"m{i}", x, 40.0 * x ** -0.12 * d ** -0.2 + 300.0 + _noise(d.size, i), "F")
               for i, x in enumerate((1e8, 4e8, 1.6e9))]
     path = _write_wide(tmp_path / "nofloor.csv", models, sizes=SIZES[1:])
     rc, out = _fit(tmp_path, f"--table={path}", "--law=multiplicative", "--curve_law=single")

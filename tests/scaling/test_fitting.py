@@ -1,5 +1,7 @@
 """The fit: planted laws are recovered, every fit is certified, and the known trap is caught."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -76,17 +78,28 @@ def test_rectified_law_is_recovered_on_its_pre_power_phase():
         assert abs(res.params[k] - v) < tol, (k, res.params[k], v)
 
 
-def test_a_vanishing_floor_is_reported_at_its_bound_not_left_short_of_it():
+def test_a_vanishing_floor_is_fitted_at_its_bound_and_certified_as_dropped():
     # A power law with no floor at all: the best E is 0, on the boundary of the log-space
-    # parametrisation, where L-BFGS alone would crawl along the flat direction e -> -inf.
+    # parametrisation, where L-BFGS alone would crawl along the flat direction e -> -inf. The
+    # fit reaches the bound and is certified as the law without a floor.
     df = np.geomspace(200, 4e5, 12)
     y = 9.0 * df ** -0.12 * np.exp(np.random.default_rng(0).normal(0, 2e-3, df.size))
     res = fitting.fit("single", {"df": df}, y, RAW)
-    assert not res.certified
-    assert res.reason.startswith("parameter(s) at bounds: e at its lower bound")
-    assert "vanishes" in res.reason
+    assert res.certified, res.reason
+    assert res.checks["dropped"] == ["e"]
     assert res.params["e"] == laws.get("single").lower[2]
     assert abs(res.params["beta"] - 0.12) < 0.01
+
+
+def test_a_coefficient_at_its_lower_bound_that_still_matters_fails_certification():
+    # A floor forced up to 2.5 (the truth is 1): on its bound, and far from negligible.
+    law = laws.get("single").with_bounds(e=(math.log(2.5), 5.0))
+    df = np.geomspace(200, 4e5, 12)
+    y = 1.0 + 9.0 * df ** -0.3
+    res = fitting.fit(law, {"df": df}, y, RAW)
+    assert not res.certified
+    assert "e at its lower bound" in res.reason
+    assert "dropped" not in res.checks
 
 
 def test_tied_law_shares_beta_and_e_across_groups():
