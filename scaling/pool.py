@@ -12,7 +12,8 @@ The promises of every executor hold (scaling/executors.py). Besides:
   study's progress lines.
 - A run that raises fails with "<ExceptionType>: <message>" (its traceback is in its log); the
   worker goes on with the next run. A worker that dies (a crash, the OOM killer) fails the run it
-  held, with the end of its log and the exit status, and is replaced.
+  held, with the end of its log and the exit status, and is replaced; one found dead while idle
+  is replaced before it is given a run.
 - Ctrl-C (or an exception from `done`) terminates every worker before it propagates; workers
   ignore SIGINT themselves, so that the terminal's Ctrl-C reaches them through the study only.
 """
@@ -148,6 +149,8 @@ class PoolExecutor(Executor):
                     slots.append(self._start())
                     idle = slots[-1:]
                 start = time.monotonic()
+                if not idle[0].process.is_alive():  # died while idle (e.g. killed): replace it
+                    self._replace(idle[0])
                 try:
                     spec.write_config()
                     idle[0].conn.send(spec)
@@ -178,15 +181,19 @@ class PoolExecutor(Executor):
     def _death(self, slot: _Slot, spec: RunSpec) -> str:
         slot.process.join()
         exitcode = slot.process.exitcode
-        slot.conn.close()
         logfile = Path(spec.workdir) / self.log_name
         try:
             summary = error_summary(logfile.read_text(errors="replace")) or f"log {logfile}"
         except OSError:
             summary = f"no log ({logfile})"
+        self._replace(slot)
+        return f"worker process died: {summary} ({_exit_description(exitcode or 0)})"
+
+    def _replace(self, slot: _Slot) -> None:
+        slot.process.join()
+        slot.conn.close()
         replacement = self._start()
         slot.process, slot.conn = replacement.process, replacement.conn
-        return f"worker process died: {summary} ({_exit_description(exitcode or 0)})"
 
     def _stop(self, slots: list[_Slot]) -> None:
         """Asks idle workers to stop; terminates busy ones (after Ctrl-C or an error)."""

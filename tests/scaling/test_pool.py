@@ -102,3 +102,19 @@ def test_interrupt_terminates_the_workers(tmp_path):
     pid = int((tmp_path / "slow.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_worker_killed_between_runs_is_replaced_before_the_next_run(tmp_path):
+    specs, events = specs_of(tmp_path, [("a", (), {}), ("b", ("a",), {})])
+    outcomes = []
+
+    def done(outcome):
+        outcomes.append(outcome)
+        if outcome.run_id == "a":  # the idle worker dies (the OOM killer, a user's kill -9)
+            os.kill(int((tmp_path / "a.pid").read_text()), 9)
+            time.sleep(0.5)
+
+    PoolExecutor(1, runner=fake_runner).run(specs, done)
+    assert [o.ok for o in outcomes] == [True, True], outcomes
+    pids = [line.split()[2] for line in events.read_text().splitlines()]
+    assert pids[0] != pids[-1]  # b ran in a new worker
