@@ -2,7 +2,7 @@
 embedded corpus (a quarter of its documents bitext, so that pretraining teaches some
 translation, as web text does), the middle one's intermediate checkpoint as the
 pretraining-data factor; each finetuned by FMT, LoRA and prompt tuning on embedded xen->xde
-translation over two decades of finetuning-data sizes (2 to 200 examples), two PET sizes per
+translation over two decades of finetuning-data sizes (1 to 100 examples), two PET sizes per
 method and two data subsets. Every finetuning run follows the paper's protocol in miniature:
 the paper's per-method peak learning rates (FMT 1e-3, LoRA 1e-2, prompt 0.3) and Adafactor
 with cosine decay, dev loss every epoch, early stopping, and the best checkpoint's test loss as
@@ -42,18 +42,19 @@ def get_config():
         config="configs/tiny_ul2.py",
         # Model shapes (config.model keys) by name; 'tiny' is the size table's row.
         sizes={
+            "xxs": dict(size="tiny", num_layers=1, d_model=32, num_heads=1, head_dim=32,
+                        mlp_dim=128),
             "xs": dict(size="tiny", num_layers=2, d_model=48, num_heads=2, head_dim=24,
                        mlp_dim=192),
             "s": dict(size="tiny", num_layers=3, d_model=96, num_heads=3, head_dim=32,
                       mlp_dim=384),
-            "m": dict(size="tiny"),
         },
         # Its checkpoints make the pretraining-data sweep, and the PET-size sweep is run on it:
-        # the middle size, so that most runs are cheap (m finetunes at twice s's cost).
-        anchor_size="s",
-        num_steps=500,
-        checkpoints=(250,),  # and the last step
-        overrides={"train": {"eval_every_steps": 250, "log_every_steps": 50},
+        # the middle size, so that most runs are cheap (s finetunes at about twice xs's cost).
+        anchor_size="xs",
+        num_steps=300,
+        checkpoints=(150,),  # and the last step
+        overrides={"train": {"eval_every_steps": 150, "log_every_steps": 50},
                    "optim": {"warmup_steps": 30},
                    "data": {"bitext_rate": 0.25}},
     )
@@ -61,7 +62,7 @@ def get_config():
         configs={"fmt": "configs/tiny_fmt.py", "lora": "configs/tiny_lora.py",
                  "prompt": "configs/tiny_prompt.py"},
         methods=("fmt", "lora", "prompt"),
-        data_sizes=(2, 10, 50, 200),
+        data_sizes=(1, 5, 20, 100),
         pet_sizes={"lora": (1, 4), "prompt": (5, 20)},
         seeds=(0, 1),
         overrides=FINETUNE_PROTOCOL,
