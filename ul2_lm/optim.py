@@ -307,7 +307,7 @@ def accumulate_gradients(grad_fn: Callable[[Any, jax.Array | None], Any], batch:
     `grad_fn` returns sums over the tokens of its microbatch (the gradient of a summed loss, the
     summed loss, the summed token weight...), so the result is the same sum as one call on the
     whole batch, up to float rounding; divide once by the total weight to get the token mean
-    (`mean_gradients` does). Microbatch i holds examples i, i + n, i + 2n...: each device's
+    (the train step does). Microbatch i holds examples i, i + n, i + 2n...: each device's
     contiguous share of a data-sharded batch splits locally. Microbatch i gets
     `fold_in(rng, i)` (None stays None). Floating sums are accumulated in at least float32.
     """
@@ -342,31 +342,6 @@ def accumulate_gradients(grad_fn: Callable[[Any, jax.Array | None], Any], batch:
 
     total, _ = jax.lax.scan(body, zeros, (microbatches, jnp.arange(num_microbatches)))
     return total
-
-
-class MeanGradients(NamedTuple):
-    loss: jax.Array  # token-mean loss of the whole batch
-    grads: Any  # token-mean gradients
-    weight: jax.Array  # total target-token weight
-
-
-def mean_gradients(summed_loss_fn: Callable[..., tuple[jax.Array, jax.Array]], params,
-                   batch: Mapping[str, Any], num_microbatches: int,
-                   rng: jax.Array | None = None) -> MeanGradients:
-    """Token-mean loss and gradients of `batch`, however many microbatches it is split into.
-
-    `summed_loss_fn(params, microbatch, rng) -> (sum of weighted token losses, sum of weights)`.
-    Each microbatch contributes sums; the total is divided once by the total weight, so
-    microbatches with different numbers of target tokens weigh exactly as in one big batch.
-    """
-    def fused(microbatch, key):
-        (loss, weight), grads = jax.value_and_grad(summed_loss_fn, has_aux=True)(
-            params, microbatch, key)
-        return grads, loss, weight
-
-    grads, loss, weight = accumulate_gradients(fused, batch, num_microbatches, rng)
-    denominator = jnp.maximum(weight, 1e-9)
-    return MeanGradients(loss / denominator, jax.tree.map(lambda g: g / denominator, grads), weight)
 
 
 # --- The NaN/Inf guard -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,8 +27,6 @@ nnx.use_eager_sharding(False)
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 # Batch over data and fsdp (FSDP shards weights along 'embed' and gathers them per layer);
 # heads / mlp / vocab over tensor. One K/V head (MQA) cannot be split, so 'kv_heads' replicates.
@@ -213,23 +211,3 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rul
         global_shape = (global_batch_size,) + value.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
-
-
-def abstract_state(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
-    """Builds a module without allocating anything: its graph and ShapeDtypeStruct state."""
-    return nnx.split(nnx.eval_shape(make))
-
-
-def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
-    """Builds a module with every variable created directly in its sharded layout.
-
-    The constructor runs inside a jit whose out_shardings come from the logical axis names, so
-    no device ever holds a whole parameter that the rules split.
-    """
-    graphdef, abstract = abstract_state(make)
-    shardings = state_shardings(abstract, mesh, rules)
-
-    init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
-    with activate(mesh, rules):
-        state = init()
-    return nnx.merge(graphdef, state)

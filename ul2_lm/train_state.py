@@ -114,7 +114,3 @@ def fresh_opt_state(tx: optax.GradientTransformation, params, layout: Layout):
     return jax.jit(tx.init, out_shardings=layout.state_shardings.opt_state)(params)
 
 
-
-def count(tree) -> int:
-    """Number of array elements in a pytree (e.g. optimiser state entries)."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -13,9 +13,8 @@ from flax import nnx
 
 from petuning import lora
 from petuning.lora import LoRAConfig, LoRAProjection
-from tests.petuning.tiny import (CFG, B, L, base, base_params, leaf_paths, randomize, run,
-                                 tokens, train)
-from ul2_lm import train_state
+from tests.petuning.tiny import (CFG, B, L, base, base_params, count, leaf_paths, randomize,
+                                 run, tokens, train)
 from ul2_lm.model import Transformer, stack_layer_params
 
 SCAN = pytest.mark.parametrize("scan", [True, False], ids=["scanned", "per_layer"])
@@ -147,7 +146,7 @@ def test_trainable_count_follows_rank_times_in_plus_out():
     expected = CFG.num_layers * rank * sum(i + o for i, o in shapes)
     for scan in (True, False):
         model = adapted(scan, rank=rank)
-        assert train_state.count(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))) == expected
+        assert count(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))) == expected
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -260,12 +259,12 @@ def test_training_moves_only_the_adapters():
                if p.endswith("lora_b"))
     # Optimiser state exists for the adapters only: one unfactored second moment per trainable
     # value plus Adafactor's placeholders and counters, and nothing keyed by a frozen path.
-    n_trainable = train_state.count(state.params)
-    n_state = train_state.count(state.opt_state)
+    n_trainable = count(state.params)
+    n_state = count(state.opt_state)
     assert n_trainable <= n_state <= n_trainable + 8 * len(jax.tree.leaves(state.params)) + 16
     assert not any(name in p for p in leaf_paths(state.opt_state)
                    for name in ("kernel", "embedding", "scale"))
-    assert n_trainable < 0.25 * train_state.count(base_params(trained))
+    assert n_trainable < 0.25 * count(base_params(trained))
 
 
 def test_rematerialised_layers_train_the_adapters_as_stored_activations_do():

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 import petuning
-from tests.petuning.tiny import CFG, base
-from ul2_lm import optim, train_state
+from tests.petuning.tiny import CFG, base, count
+from ul2_lm import optim
 
 
 def base_count():
-    return train_state.count(nnx.to_pure_dict(nnx.state(base())))
+    return count(nnx.to_pure_dict(nnx.state(base())))
 
 
 def test_fmt_is_the_identity_and_trains_everything():
@@ -38,7 +38,7 @@ def test_each_method_returns_its_model_and_filter(spec, kind, filter_):
     assert petuning.kind_of(petuning.resolve_method(spec)) == kind
     report = petuning.trainable_report(model, trainable)
     params = nnx.to_pure_dict(nnx.state(model, filter_))
-    assert report["count"] == train_state.count(params) > 0
+    assert report["count"] == count(params) > 0
     assert report["base_count"] == base_count()
     assert report["percent_of_base"] == pytest.approx(100 * report["count"] / base_count())
 

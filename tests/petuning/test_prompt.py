@@ -11,8 +11,8 @@ from flax import nnx
 
 from petuning import prompt as prompt_lib
 from petuning.prompt import PromptConfig, PromptParam, PromptTunedModel
-from tests.petuning.tiny import CFG, B, L, base, base_params, leaf_paths, run, tokens, train
-from ul2_lm import train_state
+from tests.petuning.tiny import (CFG, B, L, base, base_params, count, leaf_paths, run, tokens,
+                                 train)
 
 P = 4
 
@@ -166,9 +166,9 @@ def test_training_moves_only_the_prompt():
     trained = nnx.merge(layout.graphdef, state.params, frozen)
     jax.tree.map(np.testing.assert_array_equal, base_params(trained), base_params(make()))
     assert not np.array_equal(state.params["prompt"], initial.params["prompt"])
-    n_trainable = train_state.count(state.params)
+    n_trainable = count(state.params)
     assert n_trainable == P * CFG.d_model
-    assert n_trainable <= train_state.count(state.opt_state) <= n_trainable + 16
+    assert n_trainable <= count(state.opt_state) <= n_trainable + 16
 
 
 def test_the_prompt_can_be_redrawn_from_a_restored_embedding():

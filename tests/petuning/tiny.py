@@ -19,6 +19,11 @@ CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, head_dim
 B, L = 2, 10
 
 
+def count(tree) -> int:
+    """Number of array elements in a pytree (parameters, optimiser state)."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
 def config(scan: bool = True, **changes) -> ModelConfig:
     return dataclasses.replace(CFG, scan_layers=scan, **changes)
 

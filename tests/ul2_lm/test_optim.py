@@ -215,23 +215,36 @@ def summed_loss(params, batch, rng):
     return jnp.sum(err * batch["weights"]), jnp.sum(batch["weights"])
 
 
+def token_mean(batch, num_microbatches, params=None):
+    """Token-mean loss and gradients over microbatches, divided once as the train step does."""
+    params = mlp_params() if params is None else params
+    value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+
+    @jax.jit
+    def run(batch):
+        (loss, weight), grads = optim.accumulate_gradients(
+            lambda mb, key: value_and_grad(params, mb, key), batch, num_microbatches)
+        denominator = jnp.maximum(weight, 1.0)  # a microbatch may hold no target token
+        return loss / denominator, jax.tree.map(lambda g: g / denominator, grads), weight
+
+    return run(batch)
+
+
 @pytest.mark.parametrize("num_microbatches", [2, 4, 8])
 def test_microbatches_give_the_big_batch_gradient(num_microbatches):
-    params, batch = mlp_params(), token_batch()
-    fn = jax.jit(optim.mean_gradients, static_argnums=(0, 3))
-    big = fn(summed_loss, params, batch, 1)
-    split = fn(summed_loss, params, batch, num_microbatches)
-    np.testing.assert_allclose(float(split.loss), float(big.loss), rtol=1e-6)
-    np.testing.assert_allclose(float(split.weight), float(big.weight))
-    for a, b in zip(jax.tree.leaves(split.grads), jax.tree.leaves(big.grads)):
+    batch = token_batch()
+    big_loss, big_grads, big_weight = token_mean(batch, 1)
+    loss, grads, weight = token_mean(batch, num_microbatches)
+    np.testing.assert_allclose(float(loss), float(big_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(weight), float(big_weight))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(big_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
     # Averaging per-microbatch means instead would weigh tokens unequally: the test batch is
     # built so that this makes a visible difference.
-    naive = np.mean([float(optim.mean_gradients(summed_loss, params, {k: v[i::num_microbatches]
-                                                                      for k, v in batch.items()},
-                                                1).loss) for i in range(num_microbatches)])
-    assert abs(naive - float(big.loss)) > 1e-3
+    naive = np.mean([float(token_mean({k: v[i::num_microbatches] for k, v in batch.items()}, 1)[0])
+                     for i in range(num_microbatches)])
+    assert abs(naive - float(big_loss)) > 1e-3
 
 
 def test_each_microbatch_gets_its_own_key_and_slice():

@@ -1,13 +1,14 @@
-"""Meshes, logical-axis rules and sharded creation."""
+"""Meshes, logical-axis rules and sharded creation (as the trainer creates its state)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ul2_lm import partitioning
+from ul2_lm import partitioning, train_state
 
 
 class TwoMatrices(nnx.Module):
@@ -16,6 +17,16 @@ class TwoMatrices(nnx.Module):
         self.w_in = nnx.Param(init(rngs.params(), (16, 32)), sharding_names=("embed", "mlp"))
         self.kv = nnx.Param(init(rngs.params(), (16, 1, 8)),
                             sharding_names=("embed", "kv_heads", "head_dim"))
+
+
+def create_params(make, mesh):
+    """The parameters of `make()` as the trainer creates them (train_state.create): born in the
+    shardings the default rules give, never whole on one device."""
+    rules = partitioning.DEFAULT_RULES
+    tx = optax.identity()
+    layout = train_state.make_layout(make, tx, mesh, rules)
+    state, _ = train_state.create(make, tx, layout, mesh, rules, with_frozen=False)
+    return state.params
 
 
 def test_mesh_infers_the_minus_one_axis():
@@ -44,17 +55,16 @@ def test_first_rule_wins_and_a_mesh_axis_is_used_once():
 
 def test_parameters_are_created_with_the_shardings_the_rules_give():
     mesh = partitioning.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
-    model = partitioning.create_sharded(lambda: TwoMatrices(nnx.Rngs(0)), mesh,
-                                        partitioning.DEFAULT_RULES)
-    assert model.w_in.get_value().sharding.spec == P("fsdp", "tensor")
+    params = create_params(lambda: TwoMatrices(nnx.Rngs(0)), mesh)
+    assert params["w_in"].sharding.spec == P("fsdp", "tensor")
     # One K/V head cannot be split: the rules replicate it.
-    assert model.kv.get_value().sharding.spec == P("fsdp", None, None)
+    assert params["kv"].sharding.spec == P("fsdp", None, None)
     # Each device holds only its shard.
-    shard = model.w_in.get_value().addressable_shards[0].data
+    shard = params["w_in"].addressable_shards[0].data
     assert shard.shape == (8, 16)
     reference = TwoMatrices(nnx.Rngs(0))
     # Same values as an unsharded build (to float rounding: jit and eager init round apart).
-    np.testing.assert_allclose(np.asarray(model.w_in.get_value()),
+    np.testing.assert_allclose(np.asarray(params["w_in"]),
                                np.asarray(reference.w_in.get_value()), rtol=1e-6)
 
 
@@ -83,13 +93,12 @@ def test_the_models_parameters_are_sharded_as_the_default_rules_say():
 
     cfg = model_sizes.resolve({"size": "tiny", "num_heads": 4, "scan_layers": True})
     mesh = partitioning.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
-    model = partitioning.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh,
-                                        partitioning.DEFAULT_RULES)
-    layer = model.layers
+    params = create_params(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    layer = params["layers"]
     # vocab -> tensor, embed -> fsdp; the scanned 'layers' axis is never split.
-    assert model.embedding.get_value().sharding.spec == P("tensor", "fsdp")
-    assert layer.mlp.up_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor")
-    assert layer.mlp.down_proj.kernel.get_value().sharding.spec == P(None, "tensor", "fsdp")
-    assert layer.attention.q_proj.kernel.get_value().sharding.spec == P(None, "fsdp", "tensor", None)
+    assert params["embedding"].sharding.spec == P("tensor", "fsdp")
+    assert layer["mlp"]["up_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert layer["mlp"]["down_proj"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
+    assert layer["attention"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
     # One K/V head (multi-query attention) is replicated over 'tensor'.
-    assert layer.attention.k_proj.kernel.get_value().sharding.spec == P(None, "fsdp", None, None)
+    assert layer["attention"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", None, None)
