@@ -172,26 +172,35 @@ def record_failure(spec: RunSpec, reason: str) -> None:
         record_lib.write(spec.workdir, record)
 
 
-def _group(spec: RunSpec) -> str:
-    """Runs expected to take alike: pretraining runs, and finetuning runs by method."""
-    return spec.kind if spec.kind != "finetune" else f"finetune {spec.config['finetune']['method']}"
+def _groups(spec: RunSpec) -> tuple[str, ...]:
+    """Groups of runs expected to take alike, the closest first: pretraining runs, then runs of
+    any kind; finetuning runs by method and data size, then by method, then all finetuning
+    runs. (A finetuning run's time follows its data size more than its planned FLOPs: early
+    stopping ends a run of a few examples after a few dozen steps, one of a hundred after
+    hundreds.)"""
+    if spec.kind != "finetune":
+        return (spec.kind, "all")  # before any pretraining run ends, any run's rate will do
+    method = spec.config["finetune"]["method"]
+    examples = (spec.config.get("data", {}).get("finetune", {}) or {}).get("num_examples")
+    return (f"finetune {method} n{examples}", f"finetune {method}", "finetune")
 
 
 class Progress:
     """'runs done / total, ETA' lines.
 
     A finetuning run that stops early uses a fraction of its planned FLOPs, a fraction that
-    differs between methods. So the ETA counts the planned FLOPs left in each group of runs
-    (pretraining; finetuning by method) at the seconds per planned FLOP of that group's
-    finished runs, or, while a finetuning group has none, of all finished finetuning runs (no
-    ETA before the first). Wall time over the summed run durations scales it for runs that
-    share the machine (parallel executors)."""
+    differs between methods and data sizes. So the ETA counts the planned FLOPs left in each run
+    at the seconds per planned FLOP of the closest group with finished runs (finetuning: the
+    same method and data size, else the same method, else any finetuning run; no ETA before
+    the first finetuning run ends). Wall time over the summed run durations scales it for runs
+    that share the machine (parallel executors)."""
 
     def __init__(self, total: int, to_run: Sequence[RunSpec]):
         self.total, self.done = total, total - len(to_run)
-        self.left = {s.run_id: (_group(s), s.train_flops) for s in to_run}
+        self.left = {s.run_id: (_groups(s), s.train_flops) for s in to_run}
         self.start = time.perf_counter()
         self.by_group: dict[str, list[float]] = {}  # group -> [seconds, planned FLOPs] done
+        self.seconds = 0.0  # summed durations of the finished runs
         self.failed = 0
 
     def settled(self, run_id: str, ok: bool = True) -> None:
@@ -201,33 +210,30 @@ class Progress:
             self.done += 1
             self.failed += not ok
 
+    def _rate(self, groups: Sequence[str]) -> float:
+        """Seconds per planned FLOP of the first of `groups` with finished runs."""
+        for g in groups:
+            if g in self.by_group:
+                seconds, flops = self.by_group[g]
+                return seconds / max(flops, 1.0)
+        return math.nan
+
     def eta(self) -> float:
-        seconds = sum(v[0] for v in self.by_group.values())
-        if not seconds:
+        if not self.seconds:
             return math.nan
-
-        def rate(groups) -> float:
-            done = [self.by_group[g] for g in groups if g in self.by_group]
-            return sum(v[0] for v in done) / max(sum(v[1] for v in done), 1.0) if done \
-                else math.nan
-
-        # A finetuning group without finished runs goes at the rate of the other finetuning
-        # groups: pretraining runs use their whole budget, finetuning runs stop early, so
-        # pretraining's rate says nothing of them (no ETA until one has finished).
-        finetune = rate([g for g in self.by_group if g.startswith("finetune")])
-        work = sum(flops * (rate([g]) if g in self.by_group
-                            else finetune if g.startswith("finetune") else rate(self.by_group))
-                   for g, flops in self.left.values())
-        return work * (time.perf_counter() - self.start) / seconds
+        work = sum(flops * self._rate(groups) for groups, flops in self.left.values())
+        return work * (time.perf_counter() - self.start) / self.seconds
 
     def finished(self, outcome: Outcome) -> str:
-        group, flops = self.left.pop(outcome.run_id, (None, 0.0))
+        groups, flops = self.left.pop(outcome.run_id, ((), 0.0))
         self.done += 1
         self.failed += not outcome.ok
-        if group is not None and outcome.ok:
-            done = self.by_group.setdefault(group, [0.0, 0.0])
-            done[0] += outcome.seconds
-            done[1] += flops
+        if groups and outcome.ok:
+            self.seconds += outcome.seconds
+            for group in {*groups, "all"}:
+                done = self.by_group.setdefault(group, [0.0, 0.0])
+                done[0] += outcome.seconds
+                done[1] += flops
         eta = self.eta()
         status = "done" if outcome.ok else f"FAILED ({outcome.reason})"
         eta_text = "" if math.isnan(eta) else f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"

@@ -287,3 +287,29 @@ def test_progress_counts_runs_left_at_their_groups_rate(monkeypatch):
     # its planned FLOPs at the rate of the finetuning runs so far (4 s for 1e12 FLOPs), the
     # whole scaled by wall time over summed run time (14 s / 14 s).
     assert progress.eta() == pytest.approx(12.0 + 4.0)
+
+
+def test_progress_rates_finetuning_runs_by_their_data_size(monkeypatch):
+    from scaling import execution
+    from scaling.runspec import Outcome, RunSpec
+
+    clock = [0.0]
+    monkeypatch.setattr(execution.time, "perf_counter", lambda: clock[0])
+
+    def spec(run_id, examples, method="fmt"):
+        # The same planned FLOPs (one step budget) whatever the data size, as in a study.
+        return RunSpec(run_id=run_id, kind="finetune", workdir=f"/tmp/{run_id}", train_flops=1e12,
+                       config={"finetune": {"method": method},
+                               "data": {"finetune": {"num_examples": examples}}})
+
+    specs = [spec("n1/a", 1), spec("n100/a", 100), spec("n1/b", 1), spec("n100/b", 100),
+             spec("lora/n100", 100, "lora")]
+    progress = execution.Progress(len(specs), specs)
+    clock[0] = 2.0
+    progress.finished(Outcome("n1/a", ok=True, seconds=2.0))
+    # Nothing of 100 examples has ended: fmt's rate (2 s a run) stands in for it.
+    assert progress.eta() == pytest.approx(3 * 2.0 + 2.0)
+    clock[0] = 22.0
+    progress.finished(Outcome("n100/a", ok=True, seconds=20.0))
+    # Each run left at the rate of its data size; lora's at all finetuning runs' (22 s / 2).
+    assert progress.eta() == pytest.approx(2.0 + 20.0 + 11.0)
