@@ -168,8 +168,10 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from ul2_lm import cli
 
     define_flags()
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "scaling.study")

@@ -361,5 +361,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from ul2_lm import cli
+    from ul2_lm.config import ConfigError
+
     define_flags()
-    app.run(main)
+    cli.run(main, "ul2_lm.evaluate", user_errors=(ConfigError,))

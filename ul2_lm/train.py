@@ -481,6 +481,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from ul2_lm import cli
+
     define_flags()
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "ul2_lm.train", user_errors=(config_lib.ConfigError,))
