@@ -22,6 +22,7 @@ def get_config():
     s.pretrain.anchor_size = "xs"
     s.pretrain.num_steps = 200
     s.pretrain.checkpoints = (100,)
+    s.pretrain.overrides.train.eval_every_steps = 250  # dev loss at the last step only
     s.finetune.data_sizes = (1, 10, 100)
     s.finetune.pet_sizes = {"lora": (4,), "prompt": (20,)}
     s.finetune.seeds = (0,)
