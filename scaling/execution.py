@@ -200,7 +200,6 @@ class Progress:
         self.left = {s.run_id: (_groups(s), s.train_flops) for s in to_run}
         self.start = time.perf_counter()
         self.by_group: dict[str, list[float]] = {}  # group -> [seconds, planned FLOPs] done
-        self.seconds = 0.0  # summed durations of the finished runs
         self.failed = 0
 
     def settled(self, run_id: str, ok: bool = True) -> None:
@@ -219,17 +218,17 @@ class Progress:
         return math.nan
 
     def eta(self) -> float:
-        if not self.seconds:
+        seconds = self.by_group.get("all", [0.0])[0]  # summed durations of the finished runs
+        if not seconds:
             return math.nan
         work = sum(flops * self._rate(groups) for groups, flops in self.left.values())
-        return work * (time.perf_counter() - self.start) / self.seconds
+        return work * (time.perf_counter() - self.start) / seconds
 
     def finished(self, outcome: Outcome) -> str:
         groups, flops = self.left.pop(outcome.run_id, ((), 0.0))
         self.done += 1
         self.failed += not outcome.ok
         if groups and outcome.ok:
-            self.seconds += outcome.seconds
             for group in {*groups, "all"}:
                 done = self.by_group.setdefault(group, [0.0, 0.0])
                 done[0] += outcome.seconds

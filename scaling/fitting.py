@@ -682,10 +682,13 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
     obj = Objective(law, data, config, weights=weights, owner=np.arange(B),
                     scale=1.0 / np.where(f > 0, f, 1.0), fixed_rows=fixed_rows)
     _, grad = obj.value_grad(theta, np.arange(B))
+    tol = config.bound_rtol * (hi - lo)
+    # Log-coefficients at their lower bound whose term has vanished (only those are measured).
     vanished = [set() for _ in range(B)]
     for k in law.linear_index:
-        for b in np.flatnonzero(_term_share(obj, theta, k) < VANISHING_SHARE):
-            vanished[b].add(k)
+        if np.any(theta[:, k] - lo[k] <= tol[k]):
+            for b in np.flatnonzero(_term_share(obj, theta, k) < VANISHING_SHARE):
+                vanished[b].add(k)
     for b in range(B):
         c = checks[b]
         c["restart_improvement"] = float(improvement[b])
@@ -701,7 +704,6 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
             continue
         # (3) Parameters pinned at bounds, except vanishing terms (a boundary optimum of the
         # law without them, which is a law of its own: a power law with no floor).
-        tol = config.bound_rtol * (hi - lo)
         pinned = [(law.names[i], "lower" if theta[b, i] - lo[i] <= tol[i] else "upper",
                    lo[i] if theta[b, i] - lo[i] <= tol[i] else hi[i])
                   for i in range(theta.shape[1])
@@ -713,7 +715,7 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
             pinned = [p for p in pinned if p[0] not in dropped]
         if pinned:
             reasons[b] = "parameter(s) at bounds: " + ", ".join(
-                _pinned_reason(law, n, side, v) for n, side, v in pinned)
+                f"{n} at its {side} bound {v:g}" for n, side, v in pinned)
             continue
         # (2) The best starts agree.
         if start_values is not None and start_values.shape[1] >= 2:
@@ -727,10 +729,6 @@ def certify_batch(law, data, weights, config, theta, f, start_values, fixed_rows
                               f"reached the best objective (next best is {second / f[b] - 1:.3g} "
                               "higher, relatively)")
     return reasons, checks
-
-
-def _pinned_reason(law, name, side, value):
-    return f"{name} at its {side} bound {value:g}"
 
 
 VANISHING_SHARE = 1e-6  # a term under this share of the loss at every point has vanished

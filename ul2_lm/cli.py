@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app, flags
 
 BAD_INPUT, INTERRUPTED = 2, 130
 
 
-def fail(prog: str, message: str, code: int = BAD_INPUT):
+def fail(prog: str, message: str, code: int = BAD_INPUT) -> NoReturn:
     """Prints '<prog>: <message>' (its first line) to stderr and exits with `code`."""
-    first = str(message).strip().splitlines()[0] if str(message).strip() else "error"
-    print(f"{prog}: {first}", file=sys.stderr)
+    lines = str(message).strip().splitlines()
+    print(f"{prog}: {lines[0] if lines else 'error'}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -44,7 +45,6 @@ def parse_flags(prog: str) -> Callable[[list[str]], list[str]]:
             fail(prog, str(e))
         except (AttributeError, KeyError) as e:  # an override of a key the config lacks
             fail(prog, override_message(argv, e))
-        return []  # not reached
 
     return parse
 
